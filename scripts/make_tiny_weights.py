@@ -1,0 +1,518 @@
+#!/usr/bin/env python
+"""Write a complete, tiny, random weights folder in the real on-disk layout.
+
+Usage::
+
+    python scripts/make_tiny_weights.py DIR [--seed N] [--with-base-overrides]
+
+The folder mirrors what a production install downloads, with the same file
+names, folder names, config field names and state-dict key names, but with
+tiny random models (a few MB in total, written in a few seconds, no network)::
+
+    DIR/Wan2.1-I2V-14B-480P-Diffusers/   diffusers layout (model_index.json, transformer/ sharded,
+                                          vae/, text_encoder/, tokenizer/, image_encoder/,
+                                          image_processor/, scheduler/)
+    DIR/InfiniteTalk/single/infinitetalk.safetensors   official audio keys (fp32)
+    DIR/InfiniteTalk/multi/infinitetalk.safetensors    same keys, other values
+    DIR/chinese-wav2vec2-base/                         HF Wav2Vec2Model, legacy weight_g/weight_v names
+
+All sizes live in :data:`TINY` (a frozen :class:`TinySpec`) so tests can import
+them. Weights are random but sane: linear/conv weights N(0, 1/fan_in), biases
+N(0, 0.1^2), norm weights N(1, 0.1^2), so outputs are not trivial (the default
+init zeroes some output layers) yet a few sampling steps stay finite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+WAN_DIR = "Wan2.1-I2V-14B-480P-Diffusers"
+INFINITETALK_DIR = "InfiniteTalk"
+WAV2VEC_DIR = "chinese-wav2vec2-base"
+INFINITETALK_FILE = "infinitetalk.safetensors"
+
+#: Official Wan key that ``--with-base-overrides`` adds to the *single* file.
+BASE_OVERRIDE_KEY = "blocks.0.self_attn.q.weight"
+
+#: OpenAI CLIP normalisation (also used by open-clip ViT-H/14 in Wan).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: Wan2.1 VAE latent statistics (same as diffusers' AutoencoderKLWan defaults / the Hub config).
+WAN_LATENTS_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+WAN_LATENTS_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+
+#: model_index.json exactly as the Wan-AI/Wan2.1-I2V-14B-480P-Diffusers repo ships it.
+MODEL_INDEX = {
+    "_class_name": "WanImageToVideoPipeline",
+    "_diffusers_version": "0.33.0.dev0",
+    "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+    "image_processor": ["transformers", "CLIPImageProcessor"],
+    "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+    "text_encoder": ["transformers", "UMT5EncoderModel"],
+    "tokenizer": ["transformers", "T5TokenizerFast"],
+    "transformer": ["diffusers", "WanTransformer3DModel"],
+    "vae": ["diffusers", "AutoencoderKLWan"],
+}
+
+# Pieces of the tiny Unigram vocabulary (after <pad>, </s>, <unk>, "▁").
+_CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'\"-:;()/&%+=*#@_")
+_WORDS = (
+    "the a an is are was of and to in on with at his her he she they it this that for by "
+    "man woman person people talking talks speaking speaks singing sings looks camera face "
+    "mouth eyes head hair smiling smile young old background light bright dark room studio "
+    "video high quality realistic natural expression movement moving slowly while sitting "
+    "standing wearing shirt white black red blue green low worst blurry static still frame "
+    "subtitles overall gray bad poorly drawn hands fingers deformed extra"
+).split()
+_SUFFIXES = ("ing", "ed", "er", "es", "s", "ly", "tion", "al", "en", "or", "th", "st", "ch", "sh", "ou", "ea")
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Every size used by the generator (importable by tests)."""
+
+    # WanTransformer3DModel
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 2
+    attention_head_dim: int = 32
+    in_channels: int = 36
+    out_channels: int = 16
+    freq_dim: int = 256
+    ffn_dim: int = 128
+    num_layers: int = 2
+    rope_max_seq_len: int = 1024
+    eps: float = 1e-6
+    transformer_max_shard_size: str = "200KB"
+    # UMT5 text encoder
+    t5_d_model: int = 32
+    t5_d_kv: int = 16
+    t5_d_ff: int = 64
+    t5_layers: int = 2
+    t5_heads: int = 2
+    text_max_length: int = 512
+    # CLIP vision tower
+    clip_hidden: int = 32
+    clip_intermediate: int = 64
+    clip_layers: int = 2
+    clip_heads: int = 2
+    clip_image_size: int = 224
+    clip_patch_size: int = 14
+    clip_projection_dim: int = 32
+    # VAE
+    vae_base_dim: int = 8
+    vae_z_dim: int = 16
+    # wav2vec2
+    w2v_hidden: int = 32
+    w2v_layers: int = 2
+    w2v_heads: int = 2
+    w2v_intermediate: int = 64
+    w2v_conv_dim: tuple[int, ...] = (32,) * 7
+    w2v_conv_stride: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
+    w2v_conv_kernel: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
+    w2v_pos_conv_kernel: int = 128
+    w2v_pos_conv_groups: int = 16
+    # InfiniteTalk audio modules
+    audio_window: int = 5
+    vae_scale: int = 4
+    audio_intermediate_dim: int = 16
+    audio_output_dim: int = 16
+    audio_context_tokens: int = 32
+    # limits checked by tests
+    max_total_bytes: int = 8_000_000
+
+    @property
+    def inner_dim(self) -> int:
+        """Transformer width D."""
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def num_clip_tokens(self) -> int:
+        """CLS + patches (257 for 224/14)."""
+        return (self.clip_image_size // self.clip_patch_size) ** 2 + 1
+
+
+TINY = TinySpec()
+
+
+def tokenizer_vocab() -> list[tuple[str, float]]:
+    """T5-style Unigram vocab: <pad>=0, </s>=1, <unk>=2, then pieces with log-prob scores."""
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    seen = {p for p, _ in pieces}
+
+    def add(piece: str, score: float) -> None:
+        if piece not in seen:
+            seen.add(piece)
+            pieces.append((piece, score))
+
+    for word in _WORDS:
+        add("▁" + word, -4.0 - 0.01 * len(pieces))
+    for suffix in _SUFFIXES:
+        add(suffix, -6.0)
+    for ch in _CHARS:
+        add("▁" + ch, -8.0)
+    for ch in _CHARS:
+        add(ch, -9.0)
+    return pieces
+
+
+def vocab_size() -> int:
+    """Number of tokenizer pieces = UMT5 vocab_size."""
+    return len(tokenizer_vocab())
+
+
+# --------------------------------------------------------------------------- randomisation
+
+
+def _randomise_(module: torch.nn.Module, gen: torch.Generator) -> None:
+    """Overwrite every parameter in place with seeded values.
+
+    Linear/conv weights N(0, 1/fan_in); embeddings N(0, 1); biases N(0, 0.1^2);
+    1-D weights (norms) N(1, 0.1^2); AdaLN ``scale_shift_table`` N(0, 1/D);
+    other 1-D tensors (e.g. CLIP class embedding) N(0, 0.1^2).
+    """
+    with torch.no_grad():
+        for mod in module.modules():
+            is_embedding = isinstance(mod, torch.nn.Embedding)
+            for name, param in mod.named_parameters(recurse=False):
+                shape = param.shape
+                if is_embedding:
+                    new = torch.randn(shape, generator=gen)
+                elif name == "scale_shift_table":
+                    new = torch.randn(shape, generator=gen) * shape[-1] ** -0.5
+                elif param.ndim >= 2:
+                    new = torch.randn(shape, generator=gen) * shape[1:].numel() ** -0.5
+                elif name == "bias":
+                    new = torch.randn(shape, generator=gen) * 0.1
+                elif name == "weight":
+                    new = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+                else:
+                    new = torch.randn(shape, generator=gen) * 0.1
+                param.copy_(new.to(param.dtype))
+
+
+# --------------------------------------------------------------------------- components
+
+
+def write_transformer(root: Path, spec: TinySpec, gen: torch.Generator) -> dict:
+    """diffusers WanTransformer3DModel, sharded into >= 2 safetensors files."""
+    from diffusers import WanTransformer3DModel
+
+    config = dict(
+        patch_size=list(spec.patch_size),
+        num_attention_heads=spec.num_attention_heads,
+        attention_head_dim=spec.attention_head_dim,
+        in_channels=spec.in_channels,
+        out_channels=spec.out_channels,
+        text_dim=spec.t5_d_model,
+        freq_dim=spec.freq_dim,
+        ffn_dim=spec.ffn_dim,
+        num_layers=spec.num_layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=spec.eps,
+        image_dim=spec.clip_hidden,
+        added_kv_proj_dim=spec.inner_dim,
+        rope_max_seq_len=spec.rope_max_seq_len,
+    )
+    model = WanTransformer3DModel(**config)
+    _randomise_(model, gen)
+    model.save_pretrained(root / "transformer", max_shard_size=spec.transformer_max_shard_size, safe_serialization=True)
+    return config
+
+
+def write_vae(root: Path, spec: TinySpec, gen: torch.Generator) -> None:
+    """diffusers AutoencoderKLWan with a tiny base_dim and the real latent statistics."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan(
+        base_dim=spec.vae_base_dim,
+        z_dim=spec.vae_z_dim,
+        latents_mean=list(WAN_LATENTS_MEAN),
+        latents_std=list(WAN_LATENTS_STD),
+    )
+    _randomise_vae_(vae, gen)
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+
+
+def _randomise_vae_(vae: torch.nn.Module, gen: torch.Generator) -> None:
+    """Seeded conv init (kaiming-like, fan_in scaled) keeping RMS-norm gammas at 1 +- 0.1."""
+    with torch.no_grad():
+        for name, param in vae.named_parameters():
+            if param.ndim >= 2:
+                fan_in = param.shape[1:].numel()
+                param.copy_(torch.randn(param.shape, generator=gen) * fan_in**-0.5)
+            elif name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
+            else:
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+
+
+def write_tokenizer(root: Path) -> int:
+    """T5 (Unigram + Metaspace) tokenizer built offline; returns its vocab size."""
+    from transformers import T5Tokenizer
+
+    tok = T5Tokenizer(vocab=tokenizer_vocab(), extra_ids=0, model_max_length=TINY.text_max_length)
+    tok.save_pretrained(root / "tokenizer")
+    return len(tok)
+
+
+def write_text_encoder(root: Path, spec: TinySpec, vocab: int, gen: torch.Generator) -> None:
+    """transformers UMT5EncoderModel; config.json says tie_word_embeddings false like google/umt5-xxl."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(
+        vocab_size=vocab,
+        d_model=spec.t5_d_model,
+        d_kv=spec.t5_d_kv,
+        d_ff=spec.t5_d_ff,
+        num_layers=spec.t5_layers,
+        num_heads=spec.t5_heads,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        scalable_attention=True,
+        tie_word_embeddings=False,
+    )
+    model = UMT5EncoderModel(cfg)
+    _randomise_(model, gen)
+    out = root / "text_encoder"
+    model.save_pretrained(out, safe_serialization=True)
+    _patch_json(out / "config.json", {"tie_word_embeddings": False, "architectures": ["UMT5EncoderModel"]})
+
+
+def write_image_encoder(root: Path, spec: TinySpec, gen: torch.Generator) -> None:
+    """transformers CLIPVisionModelWithProjection (257 tokens at 224 px / patch 14)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(
+        hidden_size=spec.clip_hidden,
+        intermediate_size=spec.clip_intermediate,
+        num_hidden_layers=spec.clip_layers,
+        num_attention_heads=spec.clip_heads,
+        image_size=spec.clip_image_size,
+        patch_size=spec.clip_patch_size,
+        projection_dim=spec.clip_projection_dim,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+    )
+    model = CLIPVisionModelWithProjection(cfg)
+    _randomise_(model, gen)
+    model.save_pretrained(root / "image_encoder", safe_serialization=True)
+
+
+def write_image_processor(root: Path, spec: TinySpec) -> None:
+    """CLIPImageProcessor json as the Hub repo has it (written directly: no torchvision needed)."""
+    cfg = {
+        "crop_size": {"height": spec.clip_image_size, "width": spec.clip_image_size},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": list(CLIP_MEAN),
+        "image_processor_type": "CLIPImageProcessor",
+        "image_std": list(CLIP_STD),
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": spec.clip_image_size},
+    }
+    _write_json(root / "image_processor" / "preprocessor_config.json", cfg)
+
+
+def write_scheduler(root: Path) -> None:
+    """UniPCMultistepScheduler as the diffusers converter builds it for Wan I2V."""
+    from diffusers import UniPCMultistepScheduler
+
+    sched = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0
+    )
+    sched.save_pretrained(root / "scheduler")
+
+
+def write_wav2vec2(root: Path, spec: TinySpec, gen: torch.Generator) -> None:
+    """Tiny Wav2Vec2Model with the positional conv weight norm under legacy weight_g / weight_v names."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    cfg = Wav2Vec2Config(
+        vocab_size=32,
+        hidden_size=spec.w2v_hidden,
+        num_hidden_layers=spec.w2v_layers,
+        num_attention_heads=spec.w2v_heads,
+        intermediate_size=spec.w2v_intermediate,
+        conv_dim=list(spec.w2v_conv_dim),
+        conv_stride=list(spec.w2v_conv_stride),
+        conv_kernel=list(spec.w2v_conv_kernel),
+        conv_bias=False,
+        feat_extract_norm="group",
+        do_stable_layer_norm=False,
+        num_conv_pos_embeddings=spec.w2v_pos_conv_kernel,
+        num_conv_pos_embedding_groups=spec.w2v_pos_conv_groups,
+        hidden_act="gelu",
+        feat_extract_activation="gelu",
+        layer_norm_eps=1e-5,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        final_dropout=0.0,
+        layerdrop=0.0,
+        architectures=["Wav2Vec2Model"],
+    )
+    model = Wav2Vec2Model(cfg)
+    _randomise_(model, gen)
+    state = _legacy_weight_norm_names(model.state_dict(), gen)
+    out = root / WAV2VEC_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(out)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=False, return_attention_mask=False
+    ).save_pretrained(out)
+
+
+def _legacy_weight_norm_names(state: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Rename parametrizations.weight.original0/1 -> weight_g/weight_v; g = ||v|| * (1 + 0.1 N)."""
+    out: dict[str, torch.Tensor] = {}
+    prefix = "encoder.pos_conv_embed.conv."
+    for key, value in state.items():
+        if key == prefix + "parametrizations.weight.original0":
+            continue
+        if key == prefix + "parametrizations.weight.original1":
+            v = value.clone()
+            norm = v.norm(dim=(0, 1), keepdim=True)  # weight_norm(dim=2): g has shape [1, 1, K]
+            out[prefix + "weight_v"] = v.contiguous()
+            out[prefix + "weight_g"] = (norm * (1 + 0.1 * torch.randn(norm.shape, generator=gen))).contiguous()
+            continue
+        out[key] = value.detach().clone().contiguous()
+    if prefix + "weight_v" not in out:
+        raise RuntimeError("wav2vec2 positional conv has no weight-norm parametrization; transformers changed?")
+    return out
+
+
+def infinitetalk_shapes(spec: TinySpec = TINY) -> dict[str, tuple[int, ...]]:
+    """Official InfiniteTalk audio-module keys and shapes for the tiny sizes (10 + 8 * num_layers)."""
+    d, i, o, k = spec.inner_dim, spec.audio_intermediate_dim, spec.audio_output_dim, spec.audio_context_tokens
+    nl_nc = spec.w2v_layers * spec.w2v_hidden
+    shapes: dict[str, tuple[int, ...]] = {
+        "audio_proj.proj1.weight": (i, spec.audio_window * nl_nc),
+        "audio_proj.proj1.bias": (i,),
+        "audio_proj.proj1_vf.weight": (i, (spec.vae_scale + spec.vae_scale) * nl_nc),
+        "audio_proj.proj1_vf.bias": (i,),
+        "audio_proj.proj2.weight": (i, i),
+        "audio_proj.proj2.bias": (i,),
+        "audio_proj.proj3.weight": (k * o, i),
+        "audio_proj.proj3.bias": (k * o,),
+        "audio_proj.norm.weight": (o,),
+        "audio_proj.norm.bias": (o,),
+    }
+    for b in range(spec.num_layers):
+        p = f"blocks.{b}."
+        shapes[p + "audio_cross_attn.q_linear.weight"] = (d, d)
+        shapes[p + "audio_cross_attn.q_linear.bias"] = (d,)
+        shapes[p + "audio_cross_attn.kv_linear.weight"] = (2 * d, o)
+        shapes[p + "audio_cross_attn.kv_linear.bias"] = (2 * d,)
+        shapes[p + "audio_cross_attn.proj.weight"] = (d, d)
+        shapes[p + "audio_cross_attn.proj.bias"] = (d,)
+        shapes[p + "norm_x.weight"] = (d,)
+        shapes[p + "norm_x.bias"] = (d,)
+    return shapes
+
+
+def _random_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    if key.endswith(".bias"):
+        return torch.randn(shape, generator=gen) * 0.1
+    if len(shape) == 1:  # LayerNorm weights
+        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    return torch.randn(shape, generator=gen) * shape[1] ** -0.5
+
+
+def write_infinitetalk(root: Path, spec: TinySpec, gen: torch.Generator, with_base_overrides: bool) -> None:
+    """single/ and multi/ infinitetalk.safetensors (fp32, official names, metadata format=pt)."""
+    for variant in ("single", "multi"):
+        tensors = {k: _random_tensor(k, s, gen).contiguous() for k, s in infinitetalk_shapes(spec).items()}
+        if variant == "single" and with_base_overrides:
+            d = spec.inner_dim
+            tensors[BASE_OVERRIDE_KEY] = torch.randn((d, d), generator=gen) * d**-0.5
+        out = root / INFINITETALK_DIR / variant
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(out / INFINITETALK_FILE), metadata={"format": "pt"})
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _patch_json(path: Path, updates: dict) -> None:
+    obj = json.loads(path.read_text())
+    obj.update(updates)
+    _write_json(path, obj)
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def make_tiny_weights(out_dir: Path, seed: int = 0, with_base_overrides: bool = False, spec: TinySpec = TINY) -> Path:
+    """Write the whole tiny weights tree into ``out_dir``; return ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # module constructors draw from the global RNG before we overwrite
+    wan = out_dir / WAN_DIR
+    _write_json(wan / "model_index.json", MODEL_INDEX)
+    write_transformer(wan, spec, gen)
+    write_vae(wan, spec, gen)
+    vocab = write_tokenizer(wan)
+    write_text_encoder(wan, spec, vocab, gen)
+    write_image_encoder(wan, spec, gen)
+    write_image_processor(wan, spec)
+    write_scheduler(wan)
+    write_infinitetalk(out_dir, spec, gen, with_base_overrides)
+    write_wav2vec2(out_dir, spec, gen)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path, help="destination folder (created)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--with-base-overrides",
+        action="store_true",
+        help=f"also put the official base key {BASE_OVERRIDE_KEY!r} into single/{INFINITETALK_FILE}",
+    )
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    out = make_tiny_weights(args.out_dir, seed=args.seed, with_base_overrides=args.with_base_overrides)
+    for sub in (WAN_DIR, INFINITETALK_DIR, WAV2VEC_DIR):
+        print(f"{out / sub}: {_folder_bytes(out / sub) / 1e6:.2f} MB")
+    print(f"total {_folder_bytes(out) / 1e6:.2f} MB in {time.monotonic() - start:.1f} s (seed {args.seed})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
