@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Benchmark the full-size InfiniteTalk model on a GPU with random weights.
+
+Builds the 14B configuration (Wan2.1-I2V-14B + audio modules, 18.9 B parameters) directly on
+the GPU in bf16 and measures, per resolution bucket, attention backend and speaker count:
+seconds per forward, achieved TFLOP/s, the ratio to the FLOP floor (measured H200 kernel
+rates: bf16 GEMM 750 TFLOP/s, cuDNN attention 570 TFLOP/s; research/performance.md section 4)
+and peak memory.  Chunk-level modes (exact / turbo, with VAE and conditioning) time the whole
+chunk loop of the pipeline.
+
+Usage:
+    python scripts/benchmark.py forward --resolutions 480p,720p --backends native,_native_cudnn
+    python scripts/benchmark.py chunk --modes exact,turbo
+Results: a table on stdout and a JSON list of records (``--json PATH``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GEMM_TFLOPS = 750.0  # measured bf16 GEMM rate on the H200
+ATTN_TFLOPS = 570.0  # measured cuDNN SDPA rate on the H200
+VIDEO_FPS = 25.0
+NEW_FRAMES_PER_CHUNK = 72  # 81-frame chunks, 9 context frames
+
+BUCKETS = {"480p": (640, 640), "720p": (960, 960)}
+
+FULL_CONFIG = dict(
+    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024,
+    text_len=512, audio_window=5, audio_feature_dim=12 * 768, audio_intermediate_dim=512, audio_output_dim=768,
+    audio_context_tokens=32, vae_scale=4,
+)
+
+
+def forward_flops(cfg: dict, height: int, width: int, frames: int = 81, speakers: int = 1) -> dict:
+    """FLOPs of one DiT forward (multiply-add = 2 FLOPs), split into linear and attention."""
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    n_t = (frames - 1) // 4 + 1
+    tokens_per_frame = (height // 16) * (width // 16)
+    length = n_t * tokens_per_frame
+    layers, ffn = cfg["num_layers"], cfg["ffn_dim"]
+    ctx = 512 + 257
+    audio_tokens = cfg["audio_context_tokens"] * speakers
+    per_token_params = 4 * d * d + 2 * d * d + 2 * d * ffn + 2 * d * d  # self qkvo, cross q/o, ffn, audio q/o
+    linear = 2 * length * per_token_params * layers
+    linear += 2 * ctx * 2 * d * d * layers  # text + image k/v
+    linear += 2 * n_t * audio_tokens * cfg["audio_output_dim"] * 2 * d * layers  # audio k/v
+    attn = 4 * length * length * d * layers + 4 * length * (ctx + audio_tokens) * d * layers
+    floor = linear / (GEMM_TFLOPS * 1e12) + attn / (ATTN_TFLOPS * 1e12)
+    return dict(tokens=length, linear_flops=linear, attention_flops=attn, total_flops=linear + attn, floor_seconds=floor)
+
+
+def _env() -> dict:
+    import diffusers
+    import transformers
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return dict(
+        gpu=gpu, torch=torch.__version__, cuda=torch.version.cuda, diffusers=diffusers.__version__,
+        transformers=transformers.__version__, python=platform.python_version(),
+        date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d"),
+    )
+
+
+def build_random_model(cfg: dict, device="cuda", dtype=torch.bfloat16, num_layers: int | None = None):
+    from infinitetalk.models import InfiniteTalkTransformer3DModel
+
+    cfg = dict(cfg)
+    if num_layers is not None:
+        cfg["num_layers"] = num_layers
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = InfiniteTalkTransformer3DModel(**cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    keep = tuple(model._keep_in_fp32_modules)
+    for name, param in model.named_parameters():
+        if any(part in keep for part in name.split(".")):
+            param.data = param.data.float()
+    # RoPE tables were built in the default dtype; rebuild them in float64 like the real model.
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    model.rope = WanRotaryPosEmbed(cfg["attention_head_dim"], cfg["patch_size"], cfg["rope_max_seq_len"]).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def forward_inputs(cfg, height, width, speakers, device="cuda", dtype=torch.bfloat16, frames=81, batch=1):
+    g = torch.Generator(device=device).manual_seed(0)
+    n_t = (frames - 1) // 4 + 1
+    lat = torch.randn(batch, cfg["in_channels"], n_t, height // 8, width // 8, device=device, dtype=dtype, generator=g)
+    t = torch.full((batch,), 500.0, device=device)
+    text = torch.randn(batch, 512, cfg["text_dim"], device=device, dtype=dtype, generator=g)
+    clip = torch.randn(batch, 257, cfg["image_dim"], device=device, dtype=dtype, generator=g)
+    audio = torch.randn(batch, speakers, frames, 5, 12, 768, device=device, dtype=dtype, generator=g)
+    masks = None
+    if speakers == 2:
+        masks = torch.zeros(3, height // 8, width // 8, device=device)
+        masks[0, :, : width // 16] = 1
+        masks[1, :, width // 16 :] = 1
+        masks[2, : height // 32] = 1
+    return (lat, t, text, clip, audio), masks
+
+
+def time_cuda(fn, warmup=1, repeats=3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_forward(args) -> list[dict]:
+    env = _env()
+    model = build_random_model(FULL_CONFIG, num_layers=args.layers)
+    layers = model.config.num_layers
+    records = []
+    for res in args.resolutions:
+        h, w = BUCKETS[res]
+        for speakers in args.speakers:
+            inputs, masks = forward_inputs(model.config, h, w, speakers)
+            for backend in args.backends:
+                model.set_attention_backend(backend)
+                torch.cuda.reset_peak_memory_stats()
+                with torch.no_grad():
+                    sec = time_cuda(lambda: model(*inputs, ref_target_masks=masks, return_dict=False), args.warmup, args.repeats)
+                scale = FULL_CONFIG["num_layers"] / layers  # extrapolate when fewer layers were built
+                fl = forward_flops(FULL_CONFIG, h, w, speakers=speakers)
+                sec_full = sec * scale
+                rec = dict(
+                    env, mode="forward", resolution=res, width=w, height=h, speakers=speakers, backend=backend,
+                    layers_measured=layers, seconds_per_forward=round(sec_full, 4),
+                    achieved_tflops=round(fl["total_flops"] / sec_full / 1e12, 1),
+                    floor_seconds_per_forward=round(fl["floor_seconds"], 4),
+                    ratio_to_floor=round(sec_full / fl["floor_seconds"], 3), tokens=fl["tokens"],
+                    peak_memory_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
+                    seconds_per_chunk=None, gpu_seconds_per_video_second=None,
+                )
+                print(json.dumps(rec), flush=True)
+                records.append(rec)
+            del inputs
+            gc.collect()
+            torch.cuda.empty_cache()
+    return records
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="InfiniteTalk GPU benchmark")
+    ap.add_argument("what", choices=["forward", "chunk"])
+    ap.add_argument("--resolutions", default="480p", type=lambda s: s.split(","))
+    ap.add_argument("--backends", default="_native_cudnn", type=lambda s: s.split(","))
+    ap.add_argument("--speakers", default="1", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--modes", default="exact,turbo", type=lambda s: s.split(","))
+    ap.add_argument("--layers", type=int, default=None, help="build fewer blocks and extrapolate (memory/time)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    t0 = time.time()
+    if args.what == "forward":
+        records = bench_forward(args)
+    else:
+        from bench_chunk import bench_chunk  # noqa: WPS433 (kept apart: needs the pipeline)
+
+        records = bench_chunk(args)
+    print_table(records)
+    print(f"total wall time {time.time() - t0:.1f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(records, indent=1))
+    return 0
+
+
+def print_table(records: list[dict]) -> None:
+    cols = ["mode", "resolution", "speakers", "backend", "seconds_per_forward", "achieved_tflops",
+            "floor_seconds_per_forward", "ratio_to_floor", "seconds_per_chunk", "gpu_seconds_per_video_second",
+            "peak_memory_gb"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in records:
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
