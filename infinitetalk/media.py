@@ -1,0 +1,812 @@
+"""Image and video I/O: probing, safe image loading, frame reading and H.264/AAC writing.
+
+Every external tool is run with an argument list (never a shell string), so file
+names from users cannot inject commands. Problems with the *input* are raised as
+:class:`infinitetalk.errors.InputError` with a single line naming the problem and
+the limit; problems of the *tools* (ffmpeg missing or crashing while encoding)
+are raised as :class:`MediaToolError` and the tool's stderr goes to the log.
+
+File type is detected from content, never from the file name: files handed over
+by Cog often have no or a wrong extension.
+
+Colour handling of :func:`load_image` (documented contract):
+
+* EXIF orientation is applied (``ImageOps.exif_transpose``).
+* Transparent images (RGBA, LA, PA, P/L/RGB with a ``transparency`` key) are
+  alpha-composited on **white**.
+* 16-bit / 32-bit integer images (``I;16*``, ``I``) are scaled to 8 bit
+  (``value / 257``, clipped); float images (``F``) are taken as 0..1 if their
+  maximum is <= 1, else clipped to 0..255.
+* CMYK, YCbCr, LAB, HSV, 1-bit and grayscale are converted with Pillow to RGB.
+* Animated images (GIF, APNG, WebP, multi-page TIFF) use their first frame.
+* Embedded ICC profiles are ignored (pixels are taken as sRGB).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+import wave
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from infinitetalk.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+#: Default largest accepted image, in pixels (8192 x 8192; a 48 MP phone photo fits).
+DEFAULT_MAX_PIXELS = 8192 * 8192
+#: Default smallest accepted image side, in pixels.
+DEFAULT_MIN_SIDE = 64
+#: Default x264 constant rate factor for outputs (visually near-lossless).
+DEFAULT_CRF = 18
+#: Default x264 preset.
+DEFAULT_PRESET = "medium"
+#: Default AAC bitrate of the muxed audio.
+DEFAULT_AUDIO_BITRATE = "192k"
+#: Seconds ffprobe may take before the input is declared unreadable.
+PROBE_TIMEOUT_S = 60.0
+#: Largest forward jump (seconds) the sequential frame reader decodes through before it seeks instead.
+READER_MAX_SKIP_S = 8.0
+#: Pillow formats accepted as still images (anything else Pillow opens goes to ffprobe).
+IMAGE_FORMATS = frozenset(
+    {"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "ICO", "JPEG2000", "AVIF", "HEIF", "QOI"}
+)
+#: ffprobe container names that mean "a single still image" (only reached when Pillow failed to decode it).
+_IMAGE_DEMUXERS = ("image2", "_pipe", "tty", "apng", "webp")
+#: Tail of a tool's stderr kept for the log.
+_STDERR_TAIL_BYTES = 4000
+
+MediaKind = Literal["image", "video", "audio"]
+
+
+class MediaToolError(RuntimeError):
+    """ffmpeg/ffprobe is missing or failed on data we produced (not the user's fault)."""
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What :func:`probe` found in a file.
+
+    ``width``/``height`` are the *display* size (rotation metadata applied, as
+    ffmpeg's decoder outputs frames). ``fps``, ``duration`` and ``num_frames``
+    are None where they do not apply (images have fps None, duration 0.0 and
+    num_frames 1); ``num_frames`` may be None for videos whose container does
+    not state it (mkv, webm).
+    """
+
+    kind: MediaKind
+    width: int | None
+    height: int | None
+    fps: float | None
+    duration: float | None
+    num_frames: int | None
+    has_audio: bool
+    has_video: bool
+    codec: str | None
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def _tool(name: str) -> str:
+    """Absolute path of an ffmpeg tool, or a clear MediaToolError."""
+    found = shutil.which(name)
+    if found is None:
+        raise MediaToolError(f"{name} not found on PATH; install ffmpeg (Debian package 'ffmpeg')")
+    return found
+
+
+def _tail(data: bytes, limit: int = _STDERR_TAIL_BYTES) -> str:
+    return data[-limit:].decode("utf-8", errors="replace").strip()
+
+
+def _read_tail(fh: IO[bytes]) -> str:
+    """Last bytes of a temp file holding a tool's stderr."""
+    try:
+        fh.flush()
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - _STDERR_TAIL_BYTES))
+        return _tail(fh.read())
+    except (OSError, ValueError):
+        return ""
+
+
+def _name(path: PathLike) -> str:
+    """File name for user messages (no directories)."""
+    return Path(path).name or str(path)
+
+
+# --------------------------------------------------------------------------- probing
+
+
+def _check_file(path: PathLike) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"input file {_name(p)!r} does not exist or is not a regular file")
+    if p.stat().st_size == 0:
+        raise InputError(f"input file {_name(p)!r} is empty (0 bytes)")
+    return p
+
+
+def _too_large(path: PathLike, width: int, height: int, max_pixels: int) -> InputError:
+    return InputError(
+        f"image {_name(path)!r} is too large: {width}x{height} = {width * height} pixels; "
+        f"the maximum is {max_pixels} pixels"
+    )
+
+
+def _open_image(path: Path, max_pixels: int) -> Image.Image | None:
+    """Open ``path`` with Pillow (header only). None if Pillow does not see a still image.
+
+    The declared size is checked against ``max_pixels`` before any pixel is
+    decoded. Pillow's own decompression-bomb guard (global ``MAX_IMAGE_PIXELS``)
+    is left untouched; its warning is silenced here and its error mapped to the
+    same InputError.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        limit = max_pixels if Image.MAX_IMAGE_PIXELS is None else min(max_pixels, 2 * Image.MAX_IMAGE_PIXELS)
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        declared = f"{found.group(1)} pixels" if found else "more pixels than allowed"
+        raise InputError(f"image {_name(path)!r} is too large: {declared}; the maximum is {limit} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+    if im.format not in IMAGE_FORMATS:
+        im.close()
+        return None
+    width, height = im.size
+    if width * height > max_pixels:
+        im.close()
+        raise _too_large(path, width, height, max_pixels)
+    return im
+
+
+def _decode_first_frame(im: Image.Image, path: Path) -> None:
+    """Decode the first frame in place; corrupt or truncated data -> InputError."""
+    try:
+        im.seek(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im.load()
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        logger.info("image decode failed for %s: %s", path, exc)
+        raise InputError(f"image {_name(path)!r} is truncated or corrupt and cannot be decoded") from None
+
+
+def _parse_rate(rate: str | None) -> float | None:
+    if not rate or rate in ("0/0", "N/A"):
+        return None
+    try:
+        value = float(Fraction(rate))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value if value > 0 else None
+
+
+def _parse_float(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) and out >= 0 else None
+
+
+def _rotation(stream: dict[str, Any]) -> int:
+    """Rotation in degrees from display-matrix side data or the legacy ``rotate`` tag."""
+    for side in stream.get("side_data_list") or []:
+        if "rotation" in side:
+            try:
+                return int(round(float(side["rotation"])))
+            except (TypeError, ValueError):
+                return 0
+    try:
+        return int((stream.get("tags") or {}).get("rotate", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _run_ffprobe(path: Path) -> dict[str, Any] | None:
+    """ffprobe JSON of ``path``, or None if ffprobe cannot read it."""
+    cmd = [_tool("ffprobe"), "-v", "error", "-print_format", "json", "-show_format", "-show_streams", str(path)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, timeout=PROBE_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise InputError(f"input file {_name(path)!r} could not be probed within {PROBE_TIMEOUT_S:.0f} s") from None
+    if res.returncode != 0:
+        logger.info("ffprobe failed on %s: %s", path, _tail(res.stderr))
+        return None
+    try:
+        return json.loads(res.stdout or b"{}")
+    except json.JSONDecodeError:
+        return None
+
+
+def _streams(data: dict[str, Any], codec_type: str) -> list[dict[str, Any]]:
+    out = []
+    for s in data.get("streams") or []:
+        if s.get("codec_type") != codec_type:
+            continue
+        if codec_type == "video" and (s.get("disposition") or {}).get("attached_pic"):
+            continue  # cover art in an audio file
+        out.append(s)
+    return out
+
+
+def _video_info(path: Path, data: dict[str, Any], has_audio: bool) -> MediaInfo:
+    fmt = data.get("format") or {}
+    v = _streams(data, "video")[0]
+    width, height = int(v.get("width") or 0), int(v.get("height") or 0)
+    if width <= 0 or height <= 0:
+        raise InputError(f"video {_name(path)!r} has no valid frame size")
+    if abs(_rotation(v)) % 180 == 90:
+        width, height = height, width
+    fps = _parse_rate(v.get("avg_frame_rate")) or _parse_rate(v.get("r_frame_rate"))
+    if fps is None:
+        raise InputError(f"video {_name(path)!r} has no usable frame rate")
+    duration = _parse_float(v.get("duration")) or _parse_float(fmt.get("duration"))
+    nb = v.get("nb_frames")
+    num_frames = int(nb) if str(nb or "").isdigit() and int(nb) > 0 else None
+    if duration is None and num_frames is not None:
+        duration = num_frames / fps
+    if duration is None or duration <= 0:
+        raise InputError(f"video {_name(path)!r} has no usable duration")
+    return MediaInfo("video", width, height, fps, duration, num_frames, has_audio, True, v.get("codec_name"))
+
+
+def probe(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaInfo:
+    """Detect what ``path`` holds, from its content.
+
+    Pillow is tried first (still images: the header is checked against
+    ``max_pixels``, then the first frame is decoded so truncation is caught),
+    then ffprobe. Raises InputError for missing, empty, truncated, oversized,
+    unknown or text files.
+    """
+    p = _check_file(path)
+    im = _open_image(p, max_pixels=max_pixels)
+    if im is not None:
+        with im:
+            width, height = im.size
+            _decode_first_frame(im, p)
+            if _exif_orientation(im) in (5, 6, 7, 8):  # rotated by 90 degrees: report the display size
+                width, height = height, width
+            return MediaInfo("image", width, height, None, 0.0, 1, False, True, (im.format or "").lower())
+    data = _run_ffprobe(p)
+    fmt_name = str((data or {}).get("format", {}).get("format_name", ""))
+    if data is None or not data.get("streams"):
+        raise InputError(f"input file {_name(p)!r} is not a readable image, video or audio file")
+    if any(tag in fmt_name for tag in _IMAGE_DEMUXERS) and not _streams(data, "audio"):
+        # Only single images reach here (Pillow could not decode them) or text files ('tty').
+        raise InputError(f"input file {_name(p)!r} is not a readable image, video or audio file")
+    has_audio = bool(_streams(data, "audio"))
+    if _streams(data, "video"):
+        return _video_info(p, data, has_audio)
+    if has_audio:
+        a = _streams(data, "audio")[0]
+        duration = _parse_float(a.get("duration")) or _parse_float((data.get("format") or {}).get("duration"))
+        if not duration:
+            raise InputError(f"audio file {_name(p)!r} has no usable duration")
+        return MediaInfo("audio", None, None, None, duration, None, True, False, a.get("codec_name"))
+    raise InputError(f"input file {_name(p)!r} has no video or audio stream")
+
+
+def check_duration(info: MediaInfo, max_seconds: float, what: str = "video") -> None:
+    """InputError if ``info.duration`` exceeds ``max_seconds``."""
+    if info.duration is not None and info.duration > max_seconds:
+        raise InputError(f"{what} is {info.duration:.1f} s long; the maximum is {max_seconds:g} s")
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _int_to_8bit(im: Image.Image) -> Image.Image:
+    """16/32-bit integer grayscale -> 8-bit L (value / 257, clipped)."""
+    arr = np.asarray(im).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
+
+
+def _float_to_8bit(im: Image.Image) -> Image.Image:
+    arr = np.nan_to_num(np.asarray(im, dtype=np.float64))
+    if arr.size and arr.max() <= 1.0:
+        arr = arr * 255.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB (alpha composited on white; see module docstring)."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        im = _int_to_8bit(im)
+    elif im.mode == "F":
+        im = _float_to_8bit(im)
+    if _has_alpha(im):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if im.mode == "RGB":
+        return im
+    return im.convert("RGB")
+
+
+def _exif_orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - unreadable EXIF means "no orientation"
+        return 1
+
+
+def _exif_transpose(im: Image.Image, path: Path) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(im) or im
+    except Exception as exc:  # noqa: BLE001 - broken EXIF must not reject an otherwise good image
+        logger.info("ignoring unreadable EXIF orientation in %s: %s", path, exc)
+        return im
+
+
+def load_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE) -> Image.Image:
+    """Load a still image as an RGB PIL image, safely.
+
+    The declared size is checked against ``max_pixels`` and ``min_side`` before
+    any pixel is decoded. The first frame of animated images is used. EXIF
+    orientation is applied. Raises InputError for anything that is not a
+    decodable image within the limits.
+    """
+    p = _check_file(path)
+    im = _open_image(p, max_pixels=max_pixels)
+    if im is None:
+        raise InputError(f"input file {_name(p)!r} is not a readable image (PNG, JPEG, WebP, GIF, BMP, TIFF)")
+    with im:
+        width, height = im.size
+        if min(width, height) < min_side:
+            raise InputError(
+                f"image {_name(p)!r} is too small: {width}x{height}; the minimum side is {min_side} pixels"
+            )
+        _decode_first_frame(im, p)
+        out = to_rgb(_exif_transpose(im, p))
+        if out is im:
+            out = im.copy()
+    return out
+
+
+# --------------------------------------------------------------------------- reading video frames
+
+
+def _kill(proc: subprocess.Popen[bytes] | None) -> None:
+    """Kill and reap a child process (no zombie)."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.kill()
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # pragma: no cover - kill() should always work
+        logger.error("ffmpeg pid %d did not exit after SIGKILL", proc.pid)
+
+
+class VideoFrameReader:
+    """Random-ish access to the frames of a video, memory-bounded.
+
+    ``frame_at(t)`` returns the source frame *shown* at time ``t`` seconds
+    (frame ``floor(t * fps)`` of a constant-frame-rate source, any fps), or the
+    last frame when ``t`` is past the end. Frames are read through one running
+    ``ffmpeg -f rawvideo`` pipe; requests with increasing ``t`` (chunk starts)
+    decode forward, a backward or far-forward request restarts the pipe with a
+    fast ``-ss`` seek. Only the current frame is held in memory.
+
+    Use as a context manager, or call :meth:`close`. Variable-frame-rate
+    sources are indexed with their average frame rate (approximate).
+    """
+
+    def __init__(self, path: PathLike, info: MediaInfo | None = None) -> None:
+        self.path = _check_file(path)
+        self.info = info or probe(self.path)
+        if self.info.kind != "video" or not self.info.width or not self.info.height or not self.info.fps:
+            raise InputError(f"input file {_name(self.path)!r} is not a video")
+        self.width: int = self.info.width
+        self.height: int = self.info.height
+        self.fps: float = self.info.fps
+        self.duration: float = float(self.info.duration or 0.0)
+        self._frame_bytes = self.width * self.height * 3
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
+        self._next_index = 0  # index of the frame the pipe yields next
+        self._current: tuple[int, bytes] | None = None  # last frame read (index, rgb bytes)
+        self._last_index: int | None = None  # known index of the final frame (from EOF)
+        self._finalizer = weakref.finalize(self, VideoFrameReader._cleanup, [None])
+
+    # -- public API
+
+    @property
+    def estimated_last_index(self) -> int:
+        """Index of the last frame from metadata (exact once EOF was seen)."""
+        if self._last_index is not None:
+            return self._last_index
+        if self.info.num_frames:
+            return self.info.num_frames - 1
+        return max(0, math.ceil(self.duration * self.fps - 1e-6) - 1)
+
+    def index_at(self, t_seconds: float) -> int:
+        """Source frame index shown at time ``t_seconds`` (clamped to the known last frame)."""
+        if not math.isfinite(t_seconds) or t_seconds < 0:
+            raise ValueError(f"t must be a finite time >= 0, got {t_seconds!r}")
+        return min(int(math.floor(t_seconds * self.fps + 1e-6)), self.estimated_last_index)
+
+    def frame_at(self, t_seconds: float) -> Image.Image:
+        """RGB frame shown at ``t_seconds``; the last frame past the end."""
+        index = self.index_at(t_seconds)
+        return self._to_image(self._frame(index))
+
+    def first_frame(self) -> Image.Image:
+        """The first frame (InputError if the video cannot be decoded)."""
+        return self.frame_at(0.0)
+
+    def check_duration(self, max_seconds: float) -> None:
+        """InputError if the video is longer than ``max_seconds``."""
+        check_duration(self.info, max_seconds, what=f"video {_name(self.path)!r}")
+
+    def close(self) -> None:
+        """Stop the decoder process."""
+        self._stop()
+
+    def __enter__(self) -> VideoFrameReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals
+
+    @staticmethod
+    def _cleanup(holder: list[subprocess.Popen[bytes] | None]) -> None:
+        _kill(holder[0])
+
+    def _to_image(self, data: bytes) -> Image.Image:
+        return Image.frombytes("RGB", (self.width, self.height), data)
+
+    def _frame(self, index: int) -> bytes:
+        if self._current is not None and self._current[0] == index:
+            return self._current[1]
+        if self._last_index is not None and index >= self._last_index and self._current is not None:
+            if self._current[0] == self._last_index:
+                return self._current[1]
+        max_skip = int(READER_MAX_SKIP_S * self.fps)
+        if self._proc is None or index < self._next_index or index - self._next_index > max_skip:
+            self._start(index)
+        while self._next_index <= index:
+            data = self._read_one()
+            if data is None:  # EOF: the previous frame is the last one
+                return self._at_eof(index)
+            self._current = (self._next_index, data)
+            self._next_index += 1
+        assert self._current is not None
+        return self._current[1]
+
+    def _at_eof(self, index: int) -> bytes:
+        self._stop()
+        if self._current is not None and self._current[0] == self._next_index - 1:
+            self._last_index = self._current[0]
+            return self._current[1]
+        # The seek went past the real end (metadata overstated the length): decode the tail.
+        data = self._read_tail_frame()
+        if data is None:
+            raise InputError(f"video {_name(self.path)!r} has no decodable frames")
+        self._last_index = min(index, self.estimated_last_index)
+        self._current = (self._last_index, data)
+        return data
+
+    def _cmd(self, seek_s: float | None, extra_input: Sequence[str] = ()) -> list[str]:
+        cmd = [_tool("ffmpeg"), "-nostdin", "-hide_banner", "-loglevel", "error"]
+        if seek_s is not None and seek_s > 0:
+            cmd += ["-ss", f"{seek_s:.6f}"]
+        cmd += [*extra_input, "-i", str(self.path), "-map", "0:v:0", "-an", "-sn", "-dn"]
+        cmd += ["-vf", f"scale={self.width}:{self.height}", "-fps_mode", "passthrough"]
+        cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
+        return cmd
+
+    def _start(self, index: int) -> None:
+        self._stop()
+        # Seek half a frame before the wanted frame so float rounding cannot skip it.
+        seek = (index - 0.5) / self.fps if index > 0 else None
+        self._stderr = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(
+            self._cmd(seek), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr
+        )
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, VideoFrameReader._cleanup, [self._proc])
+        self._next_index = index
+        self._current = None
+
+    def _read_one(self) -> bytes | None:
+        assert self._proc is not None and self._proc.stdout is not None
+        data = self._proc.stdout.read(self._frame_bytes)
+        if len(data) < self._frame_bytes:
+            self._proc.wait()
+            if self._proc.returncode not in (0, None) and self._stderr is not None:
+                logger.warning("ffmpeg decode of %s ended with %s: %s", self.path, self._proc.returncode,
+                               _read_tail(self._stderr))
+            return None
+        return data
+
+    def _read_tail_frame(self) -> bytes | None:
+        """Last decodable frame, reading only the final seconds of the file."""
+        back = max(2.0, 3.0 / self.fps)
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(
+                self._cmd(None, ["-sseof", f"-{back:.3f}"]),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+            )
+            last: bytes | None = None
+            try:
+                assert proc.stdout is not None
+                while len(chunk := proc.stdout.read(self._frame_bytes)) == self._frame_bytes:
+                    last = chunk
+            finally:
+                _kill(proc)
+        return last
+
+    def _stop(self) -> None:
+        _kill(self._proc)
+        self._proc = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+
+# --------------------------------------------------------------------------- writing video
+
+
+class VideoWriter:
+    """Encode RGB frames to H.264 MP4 with one running ffmpeg, optionally muxing an audio file as AAC.
+
+    Frames go to ffmpeg's stdin as raw rgb24; the output is written to a hidden
+    temporary file next to ``path`` and renamed on a successful :meth:`close`,
+    so ``path`` never holds a partial video. :meth:`abort` kills ffmpeg and
+    removes the partial file. As a context manager it closes on success and
+    aborts on any exception (including KeyboardInterrupt / cancellation).
+
+    ``audio_path`` should already be trimmed to ``num_frames / fps``; the
+    output is additionally cut with ``-shortest`` and, if given, ``-t duration``.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        width: int,
+        height: int,
+        fps: float = 25,
+        crf: int = DEFAULT_CRF,
+        audio_path: PathLike | None = None,
+        duration: float | None = None,
+        preset: str = DEFAULT_PRESET,
+        audio_bitrate: str = DEFAULT_AUDIO_BITRATE,
+    ) -> None:
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise ValueError(f"VideoWriter needs a positive even width and height for yuv420p, got {width}x{height}")
+        if not (fps > 0 and math.isfinite(fps)):
+            raise ValueError(f"fps must be positive, got {fps!r}")
+        if not 0 <= crf <= 51:
+            raise ValueError(f"crf must be in 0..51, got {crf}")
+        if audio_path is not None and not Path(audio_path).is_file():
+            raise FileNotFoundError(f"audio file {audio_path} does not exist")
+        self.path = Path(path)
+        self.width, self.height, self.fps = width, height, fps
+        self.frames_written = 0
+        self._tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}.{id(self):x}.partial")
+        self._stderr = tempfile.TemporaryFile()
+        self._lock = threading.Lock()
+        self._done = False
+        cmd = self._command(crf, preset, audio_path, audio_bitrate, duration)
+        logger.debug("starting ffmpeg: %s", cmd)
+        self._proc: subprocess.Popen[bytes] = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr
+        )
+        self._finalizer = weakref.finalize(self, VideoWriter._cleanup, self._proc, self._tmp_path)
+
+    def _command(
+        self, crf: int, preset: str, audio_path: PathLike | None, audio_bitrate: str, duration: float | None
+    ) -> list[str]:
+        cmd = [_tool("ffmpeg"), "-hide_banner", "-loglevel", "error", "-y"]
+        cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}"]
+        cmd += ["-framerate", _rate_str(self.fps), "-i", "pipe:0"]
+        if audio_path is not None:
+            cmd += ["-i", str(audio_path), "-map", "0:v:0", "-map", "1:a:0"]
+        cmd += ["-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p"]
+        cmd += ["-r", _rate_str(self.fps)]
+        if audio_path is not None:
+            cmd += ["-c:a", "aac", "-b:a", audio_bitrate, "-shortest"]
+        if duration is not None:
+            cmd += ["-t", f"{duration:.6f}"]
+        cmd += ["-movflags", "+faststart", "-f", "mp4", str(self._tmp_path)]
+        return cmd
+
+    @staticmethod
+    def _cleanup(proc: subprocess.Popen[bytes], tmp_path: Path) -> None:
+        _kill(proc)
+        tmp_path.unlink(missing_ok=True)
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append frames: uint8 array [N, H, W, 3] (or one frame [H, W, 3])."""
+        if self._done:
+            raise RuntimeError("VideoWriter is already closed")
+        arr = np.asarray(frames)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1:] != (self.height, self.width, 3):
+            raise ValueError(
+                f"frames must be uint8 [N, {self.height}, {self.width}, 3], got {arr.dtype} {list(arr.shape)}"
+            )
+        if arr.shape[0] == 0:
+            return
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+        except (BrokenPipeError, OSError) as exc:
+            self._proc.wait()
+            log = _read_tail(self._stderr)
+            logger.error("ffmpeg exited while encoding %s (rc %s): %s", self.path, self._proc.returncode, log)
+            self.abort()
+            raise MediaToolError(f"video encoder stopped unexpectedly (ffmpeg exit code {self._proc.returncode})") from exc
+        self.frames_written += arr.shape[0]
+
+    def close(self) -> Path:
+        """Finish encoding, wait for ffmpeg, move the file into place; MediaToolError on failure."""
+        with self._lock:
+            if self._done:
+                return self.path
+            self._done = True
+        if self.frames_written == 0:
+            self._abort_now()
+            raise MediaToolError("no frames were written to the video")
+        assert self._proc.stdin is not None
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        rc = self._proc.wait()
+        if rc != 0 or not self._tmp_path.is_file():
+            logger.error("ffmpeg failed writing %s (rc %s): %s", self.path, rc, _read_tail(self._stderr))
+            self._abort_now()
+            raise MediaToolError(f"video encoding failed (ffmpeg exit code {rc})")
+        os.replace(self._tmp_path, self.path)
+        self._stderr.close()
+        self._finalizer.detach()
+        return self.path
+
+    def abort(self) -> None:
+        """Kill ffmpeg and delete the partial output (safe to call more than once)."""
+        with self._lock:
+            self._done = True
+        self._abort_now()
+
+    def _abort_now(self) -> None:
+        _kill(self._proc)
+        self._tmp_path.unlink(missing_ok=True)
+        if not self._stderr.closed:
+            self._stderr.close()
+        self._finalizer.detach()
+
+    @property
+    def pid(self) -> int:
+        """ffmpeg's process id (for tests and diagnostics)."""
+        return self._proc.pid
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _rate_str(fps: float) -> str:
+    """ffmpeg rate string; exact for common NTSC rates."""
+    frac = Fraction(fps).limit_denominator(1001)
+    return f"{frac.numerator}/{frac.denominator}"
+
+
+# --------------------------------------------------------------------------- audio / test helpers
+
+
+def write_wav(path: PathLike, samples: np.ndarray, sr: int) -> Path:
+    """Write float samples in [-1, 1] ([N] mono or [N, C]) as 16-bit PCM WAV (clipped)."""
+    arr = np.asarray(samples, dtype=np.float32)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2 or arr.shape[1] < 1:
+        raise ValueError(f"samples must be [N] or [N, C], got shape {list(arr.shape)}")
+    pcm = np.clip(np.rint(np.nan_to_num(arr) * 32767.0), -32768, 32767).astype("<i2")
+    out = Path(path)
+    with wave.open(str(out), "wb") as wav:
+        wav.setnchannels(arr.shape[1])
+        wav.setsampwidth(2)
+        wav.setframerate(int(sr))
+        wav.writeframes(pcm.tobytes())
+    return out
+
+
+def ffprobe_streams(path: PathLike) -> dict[str, Any]:
+    """Summary of a media file for tests: ``{"format_duration", "video": {...}|None, "audio": {...}|None}``.
+
+    ``video``: codec, width, height, fps, duration, nb_frames, pix_fmt.
+    ``audio``: codec, sample_rate, channels, duration.
+    """
+    data = _run_ffprobe(Path(path))
+    if data is None:
+        raise MediaToolError(f"ffprobe cannot read {path}")
+    out: dict[str, Any] = {
+        "format_duration": _parse_float((data.get("format") or {}).get("duration")),
+        "video": None,
+        "audio": None,
+    }
+    if videos := _streams(data, "video"):
+        v = videos[0]
+        nb = v.get("nb_frames")
+        out["video"] = {
+            "codec": v.get("codec_name"),
+            "width": v.get("width"),
+            "height": v.get("height"),
+            "fps": _parse_rate(v.get("avg_frame_rate")) or _parse_rate(v.get("r_frame_rate")),
+            "duration": _parse_float(v.get("duration")),
+            "nb_frames": int(nb) if str(nb or "").isdigit() else None,
+            "pix_fmt": v.get("pix_fmt"),
+        }
+    if audios := _streams(data, "audio"):
+        a = audios[0]
+        out["audio"] = {
+            "codec": a.get("codec_name"),
+            "sample_rate": int(a.get("sample_rate") or 0),
+            "channels": a.get("channels"),
+            "duration": _parse_float(a.get("duration")),
+        }
+    return out
+
+
+__all__ = [
+    "DEFAULT_CRF",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MIN_SIDE",
+    "MediaInfo",
+    "MediaToolError",
+    "VideoFrameReader",
+    "VideoWriter",
+    "check_duration",
+    "ffprobe_streams",
+    "load_image",
+    "probe",
+    "to_rgb",
+    "write_wav",
+]
