@@ -1,0 +1,175 @@
+"""Timesteps, CFG/APG and the Euler loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from infinitetalk.errors import GenerationCancelled
+from infinitetalk.sampler import (
+    APGState,
+    adaptive_projected_guidance,
+    combine_guidance,
+    get_timesteps,
+    guidance_branches,
+    make_guided_denoiser,
+    sample_euler,
+)
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+
+
+def test_timesteps_shape_ends_and_monotone():
+    t = get_timesteps(40, 7.0)
+    assert t.dtype == torch.float32 and t.shape == (41,)
+    assert t[0].item() == 1000.0 and t[-1].item() == 0.0
+    assert bool((t[:-1] > t[1:]).all())
+    # The last model call sits at shift(1/1000)*1000, not near 0.
+    assert abs(t[-2].item() - 7 * 0.001 / (1 + 6 * 0.001) * 1000) < 1e-3
+
+
+@pytest.mark.skipif(not (GOLDEN / "schedule_and_windows.json").exists(), reason="golden missing")
+def test_timesteps_match_golden_exactly():
+    data = json.loads((GOLDEN / "schedule_and_windows.json").read_text())["timesteps"]
+    for key, e in data.items():
+        steps = int(e["num_model_timesteps"])
+        shift = float(key.split("shift")[1])
+        ours = get_timesteps(steps, shift).numpy()
+        np.testing.assert_array_equal(ours, np.asarray(e["timesteps_float32"], dtype=np.float32))
+
+
+def test_branch_selection():
+    assert guidance_branches(5.0) == ("cond", "drop_text", "uncond")
+    assert guidance_branches(1.0) == ("cond", "drop_audio")
+    assert guidance_branches(1.0 + 1e-12) == ("cond", "drop_audio")
+
+
+def _preds(seed: int = 0, shape=(4, 5, 3, 3)):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=g) for k in ("cond", "drop_text", "uncond", "drop_audio")}
+
+
+def test_cfg_formulas():
+    p = _preds()
+    out3 = combine_guidance(p, 5.0, 4.0)
+    ref3 = p["uncond"] + 5 * (p["cond"] - p["drop_text"]) + 4 * (p["drop_text"] - p["uncond"])
+    assert torch.equal(out3, ref3)
+    out2 = combine_guidance(p, 1.0, 2.0)
+    assert torch.equal(out2, p["drop_audio"] + 2 * (p["cond"] - p["drop_audio"]))
+    # scales of 1 give the conditional prediction
+    assert torch.allclose(combine_guidance(p, 1.0, 1.0), p["cond"])
+
+
+def test_apg_orthogonal_clipped_and_stateful():
+    p = _preds(1)
+    diff = (p["cond"] - p["drop_text"]) * 100  # norm far above the threshold
+    state = APGState()
+    out = adaptive_projected_guidance(diff, p["cond"], state.text, norm_threshold=55)
+    assert abs(float((out.double() * p["cond"].double()).sum())) < 1e-3  # orthogonal to cond
+    assert out.norm().item() <= 55 + 1e-3
+    assert torch.equal(state.text.running_average, diff)
+    adaptive_projected_guidance(diff, p["cond"], state.text)
+    assert torch.allclose(state.text.running_average, diff * 0.25)  # diff + (-0.75) * diff
+    state.reset()
+    assert state.text.running_average is None and state.audio.running_average is None
+
+
+@pytest.mark.skipif(not (GOLDEN / "cfg_case.npz").exists(), reason="golden missing")
+def test_apg_matches_golden_two_steps():
+    z = np.load(GOLDEN / "cfg_case.npz")
+    state = APGState()
+    for s in (0, 1):
+        p = {k: torch.from_numpy(z[f"step{s}.noise_pred_{k}"]) for k in ("cond", "drop_text", "uncond")}
+        out = combine_guidance(p, 5.0, 4.0, state)
+        np.testing.assert_allclose(out.numpy(), z[f"step{s}.apg3.noise_pred"], atol=1e-5)
+        np.testing.assert_allclose(state.text.running_average.numpy(), z[f"step{s}.apg3.text_running_average"],
+                                   atol=1e-5)
+
+
+def _toy_model(calls):
+    def model(x, t, branch):
+        calls.append((branch, float(t)))
+        scale = {"cond": 1.0, "drop_text": 0.9, "uncond": 0.5, "drop_audio": 0.7}[branch]
+        return x * scale
+    return model
+
+
+def test_euler_loop_motion_injection_and_callback():
+    ts = get_timesteps(3, 5.0)
+    x = torch.randn(4, 6, 2, 2, generator=torch.Generator().manual_seed(0))
+    motion = torch.full((4, 2, 2, 2), 7.0)
+    calls, seen, progress = [], [], []
+
+    def denoise(lat, t):
+        seen.append(lat.clone())
+        return lat * 0.1
+
+    x0 = sample_euler(denoise, x, ts, motion_latents=motion,
+                      callback=lambda i, n, lat: progress.append((i, n)))
+    assert progress == [(0, 3), (1, 3), (2, 3)]
+    assert all(torch.equal(s[:, :2], motion) for s in seen)
+    assert torch.equal(x0[:, :2], motion)
+    assert not torch.equal(x[:, :2], motion)  # input untouched
+    # manual Euler on the free frames
+    lat = x.clone()
+    lat[:, :2] = motion
+    for i in range(3):
+        lat = lat + (-(lat * 0.1)) * ((ts[i] - ts[i + 1]) / 1000)
+        lat[:, :2] = motion
+    assert torch.equal(x0, lat)
+    del calls
+
+
+def test_denoiser_nfe_and_order():
+    calls = []
+    den = make_guided_denoiser(_toy_model(calls), 5.0, 4.0)
+    den(torch.ones(1, 1, 1, 1), torch.tensor([500.0]))
+    assert [c[0] for c in calls] == ["cond", "drop_text", "uncond"]
+    calls.clear()
+    den = make_guided_denoiser(_toy_model(calls), 1.0, 2.0, APGState())
+    den(torch.ones(1, 2, 1, 1), torch.tensor([500.0]))
+    assert [c[0] for c in calls] == ["cond", "drop_audio"]
+
+
+def test_burn_motion_noise_consumes_rng():
+    ts = get_timesteps(2, 7.0)
+    x = torch.zeros(2, 4, 1, 1)
+    motion = torch.zeros(2, 3, 1, 1)
+    g1 = torch.Generator().manual_seed(5)
+    sample_euler(lambda lat, t: lat, x, ts, motion_latents=motion, generator=g1, burn_motion_noise=True)
+    g2 = torch.Generator().manual_seed(5)
+    for _ in range(1 + 2):
+        torch.randn(motion.shape, generator=g2)
+    assert torch.equal(torch.randn(3, generator=g1), torch.randn(3, generator=g2))
+    g3 = torch.Generator().manual_seed(5)
+    sample_euler(lambda lat, t: lat, x, ts, motion_latents=motion, generator=g3, burn_motion_noise=False)
+    assert torch.equal(torch.randn(3, generator=g3), torch.randn(3, generator=torch.Generator().manual_seed(5)))
+
+
+def test_callback_exception_cancels():
+    ts = get_timesteps(4, 5.0)
+    steps = []
+
+    def cb(i, n, lat):
+        steps.append(i)
+        if i == 1:
+            raise GenerationCancelled("stop")
+
+    with pytest.raises(GenerationCancelled):
+        sample_euler(lambda lat, t: lat, torch.zeros(1, 2, 1, 1), ts, motion_latents=torch.zeros(1, 1, 1, 1),
+                     callback=cb)
+    assert steps == [0, 1]
+
+
+def test_deterministic():
+    ts = get_timesteps(3, 7.0)
+    motion = torch.ones(4, 1, 2, 2)
+    x = torch.randn(4, 5, 2, 2, generator=torch.Generator().manual_seed(9))
+    den = lambda: make_guided_denoiser(lambda lat, t, b: torch.sin(lat + t / 1000), 5.0, 4.0, APGState())  # noqa
+    a = sample_euler(den(), x, ts, motion_latents=motion)
+    b = sample_euler(den(), x, ts, motion_latents=motion)
+    assert torch.equal(a, b)
