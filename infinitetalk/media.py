@@ -417,24 +417,30 @@ class VideoFrameReader:
     """Random-ish access to the frames of a video, memory-bounded.
 
     ``frame_at(t)`` returns the source frame *shown* at time ``t`` seconds
-    (frame ``floor(t * fps)`` of a constant-frame-rate source, any fps), or the
-    last frame when ``t`` is past the end. Frames are read through one running
+    (frame ``floor(t * fps)`` of a source of any fps), or the last frame when
+    ``t`` is past the end. Frames are read through one running
     ``ffmpeg -f rawvideo`` pipe; requests with increasing ``t`` (chunk starts)
     decode forward, a backward or far-forward request restarts the pipe with a
     fast ``-ss`` seek. Only the current frame is held in memory.
 
     Use as a context manager, or call :meth:`close`. Variable-frame-rate
-    sources are indexed with their average frame rate (approximate).
+    sources are re-timed by ffmpeg onto a grid of their average frame rate.
     """
 
-    def __init__(self, path: PathLike, info: MediaInfo | None = None) -> None:
+    def __init__(self, path: PathLike, info: MediaInfo | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.path = _check_file(path)
         self.info = info or probe(self.path)
         if self.info.kind != "video" or not self.info.width or not self.info.height or not self.info.fps:
             raise InputError(f"input file {_name(self.path)!r} is not a video")
         self.width: int = self.info.width
         self.height: int = self.info.height
-        self.fps: float = self.info.fps
+        if self.width * self.height > max_pixels:
+            raise InputError(
+                f"video {_name(self.path)!r} is too large: {self.width}x{self.height} = "
+                f"{self.width * self.height} pixels per frame; the maximum is {max_pixels} pixels"
+            )
+        self._rate = Fraction(self.info.fps).limit_denominator(1001)
+        self.fps: float = float(self._rate)
         self.duration: float = float(self.info.duration or 0.0)
         self._frame_bytes = self.width * self.height * 3
         self._proc: subprocess.Popen[bytes] | None = None
@@ -529,7 +535,11 @@ class VideoFrameReader:
         if seek_s is not None and seek_s > 0:
             cmd += ["-ss", f"{seek_s:.6f}"]
         cmd += [*extra_input, "-i", str(self.path), "-map", "0:v:0", "-an", "-sn", "-dn"]
-        cmd += ["-vf", f"scale={self.width}:{self.height}", "-fps_mode", "passthrough"]
+        # The fps filter re-times the source onto an exact grid of its own (average) rate, so output
+        # frame n is the source frame at n / fps also for variable-frame-rate sources. Rounding to the
+        # nearest tick (the default) absorbs millisecond-rounded timestamps (mkv/webm).
+        rate = f"{self._rate.numerator}/{self._rate.denominator}"
+        cmd += ["-vf", f"scale={self.width}:{self.height},fps={rate}"]
         cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
         return cmd
 
@@ -625,6 +635,7 @@ class VideoWriter:
         self._stderr = tempfile.TemporaryFile()
         self._lock = threading.Lock()
         self._done = False
+        self._aborted = False
         cmd = self._command(crf, preset, audio_path, audio_bitrate, duration)
         logger.debug("starting ffmpeg: %s", cmd)
         self._proc: subprocess.Popen[bytes] = subprocess.Popen(
@@ -675,12 +686,15 @@ class VideoWriter:
             log = _read_tail(self._stderr)
             logger.error("ffmpeg exited while encoding %s (rc %s): %s", self.path, self._proc.returncode, log)
             self.abort()
-            raise MediaToolError(f"video encoder stopped unexpectedly (ffmpeg exit code {self._proc.returncode})") from exc
+            rc = self._proc.returncode
+            raise MediaToolError(f"video encoder stopped unexpectedly (ffmpeg exit code {rc})") from exc
         self.frames_written += arr.shape[0]
 
     def close(self) -> Path:
         """Finish encoding, wait for ffmpeg, move the file into place; MediaToolError on failure."""
         with self._lock:
+            if self._aborted:
+                raise MediaToolError("the video writer was aborted; no output was written")
             if self._done:
                 return self.path
             self._done = True
@@ -706,9 +720,11 @@ class VideoWriter:
         """Kill ffmpeg and delete the partial output (safe to call more than once)."""
         with self._lock:
             self._done = True
+            self._aborted = True
         self._abort_now()
 
     def _abort_now(self) -> None:
+        self._aborted = True
         _kill(self._proc)
         self._tmp_path.unlink(missing_ok=True)
         if not self._stderr.closed:

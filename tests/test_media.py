@@ -204,6 +204,43 @@ def test_bad_files_raise_input_error(tmp_path: Path, kind: str) -> None:
         assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
 
 
+def test_truncated_mp4_rejected(testsrc_videos: dict[str, Path], tmp_path: Path) -> None:
+    data = testsrc_videos["noaudio"].read_bytes()  # moov atom at the end (no faststart)
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError):
+        probe(path)
+
+
+def test_huge_video_frames_rejected(testsrc_videos: dict[str, Path]) -> None:
+    with pytest.raises(InputError, match="maximum is 1000 pixels"):
+        VideoFrameReader(testsrc_videos["noaudio"], max_pixels=1000)
+
+
+def test_vfr_source_frame_at(tmp_path: Path) -> None:
+    """Variable frame rate: re-timed on the average-rate grid, so the frame is right within one grid tick."""
+    times = [0.0, 0.1, 0.5, 0.6, 1.0]  # frame i is shown during [times[i], times[i + 1])
+    lst = tmp_path / "list.txt"
+    lines = []
+    for i, t_next in enumerate(times[1:]):
+        Image.new("RGB", (48, 32), (_level(i),) * 3).save(tmp_path / f"f{i}.png")
+        lines += [f"file 'f{i}.png'", f"duration {t_next - times[i]:.3f}"]
+    lst.write_text("\n".join(lines + [f"file 'f{len(times) - 2}.png'"]) + "\n")
+    out = tmp_path / "vfr.mp4"
+    _ffmpeg("-f", "concat", "-safe", "0", "-i", str(lst), "-vsync", "vfr", "-c:v", "libx264", "-qp", "0",
+            "-pix_fmt", "yuv444p", str(out))  # fmt: skip
+
+    def shown(t: float) -> int:
+        return max(i for i in range(len(times) - 1) if times[i] <= max(t, 0.0))
+
+    with VideoFrameReader(out) as reader:
+        tick = 1 / reader.fps
+        for t in (0.0, 0.05, 0.2, 0.45, 0.55, 0.8, 0.95, 5.0):
+            got = _index_of(reader.frame_at(t))
+            assert shown(t - tick) <= got <= shown(t + tick), (t, got, reader.fps)
+        assert _index_of(reader.frame_at(5.0)) == 3
+
+
 def test_text_renamed_mp4_rejected(tmp_path: Path) -> None:
     path = tmp_path / "clip.mp4"
     path.write_text("hello\n" * 100)
@@ -397,7 +434,7 @@ def test_video_writer_failure_is_clear(tmp_path: Path, caplog: pytest.LogCapture
             writer.write(_frames(5))
         finally:
             writer.close()
-    assert "ffmpeg" in str(err.value) and "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and "Invalid" not in str(err.value)
     assert not out.exists() and not list(tmp_path.glob(".*partial"))
     assert any("notaudio" in r.getMessage() or "Invalid" in r.getMessage() for r in caplog.records)
 
