@@ -416,7 +416,7 @@ def infinitetalk_shapes(spec: TinySpec = TINY) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {
         "audio_proj.proj1.weight": (i, spec.audio_window * nl_nc),
         "audio_proj.proj1.bias": (i,),
-        "audio_proj.proj1_vf.weight": (i, (spec.vae_scale + spec.vae_scale) * nl_nc),
+        "audio_proj.proj1_vf.weight": (i, (spec.audio_window + spec.vae_scale - 1) * nl_nc),  # seq_len_vf = 8
         "audio_proj.proj1_vf.bias": (i,),
         "audio_proj.proj2.weight": (i, i),
         "audio_proj.proj2.bias": (i,),
