@@ -84,6 +84,19 @@ def convert_official_base_keys(state_dict: dict[str, torch.Tensor]) -> dict[str,
     return convert_wan_transformer_to_diffusers(dict(state_dict))
 
 
+def convert_official_state_dict_partial(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert an InfiniteTalk file (audio keys + optional base overrides) key by key."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if is_official_audio_key(key):
+            out[convert_official_audio_key(key)] = value
+        else:
+            out.update(convert_wan_transformer_to_diffusers({_strip_prefix(key): value}))
+    return out
+
+
 def convert_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A whole official-naming state dict (base + audio) -> our naming."""
     audio = {convert_official_audio_key(k): v for k, v in state_dict.items() if is_official_audio_key(k)}
@@ -318,15 +331,9 @@ def _config_for(raw: dict, infinitetalk_file, prepared: bool, extra: dict | None
 
 def _apply_official_file(loader: _StrictLoader, path: Path, read_device: str) -> None:
     """Audio keys mapped by hand; base overrides through diffusers' converter, tensor by tensor."""
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-
     for key, tensor in _iter_safetensors(path, read_device):
-        if is_official_audio_key(key):
-            loader.put(convert_official_audio_key(key), tensor)
-        else:
-            converted = convert_wan_transformer_to_diffusers({_strip_prefix(key): tensor})
-            for new_key, value in converted.items():
-                loader.put(new_key, value)
+        for new_key, value in convert_official_state_dict_partial({key: tensor}).items():
+            loader.put(new_key, value)
 
 
 def load_official_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
