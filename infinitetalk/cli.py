@@ -1,0 +1,83 @@
+"""Command line: ``python -m infinitetalk --image face.png --audio speech.wav --out talk.mp4``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+
+def _bbox(text: str) -> list[float]:
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"a box is TOP,LEFT,BOTTOM,RIGHT in source pixels, got {text!r}")
+    try:
+        return [float(p) for p in parts]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"box values must be numbers, got {text!r}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m infinitetalk",
+        description="Lip-synced talking video of any length from a portrait image (or a video) and speech.",
+    )
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", type=Path, help="reference portrait image")
+    src.add_argument("--video", type=Path, help="reference video to dub (V2V), any frame rate")
+    ap.add_argument("--audio", type=Path, required=True, help="speech (any ffmpeg-readable audio or video file)")
+    ap.add_argument("--audio2", type=Path, default=None, help="second speaker's speech (uses the multi checkpoint)")
+    ap.add_argument("--audio-mode", choices=["para", "add"], default="para",
+                    help="two speakers: para = simultaneous, add = speaker 1 then speaker 2 (default para)")
+    ap.add_argument("--bbox", type=_bbox, action="append", default=None, metavar="T,L,B,R",
+                    help="speaker box in source pixels, give twice (speaker 1 then 2); default left/right halves")
+    ap.add_argument("--out", type=Path, required=True, help="output .mp4")
+    ap.add_argument("--weights", type=Path, default=Path("weights"), help="weights folder (weights/README.md)")
+    ap.add_argument("--resolution", choices=["480p", "720p"], default="480p", help="bucket family (default 480p)")
+    ap.add_argument("--width", type=int, default=None, help="explicit width, multiple of 16 (with --height)")
+    ap.add_argument("--height", type=int, default=None, help="explicit height, multiple of 16 (with --width)")
+    ap.add_argument("--steps", type=int, default=40, help="denoising steps per chunk (default 40)")
+    ap.add_argument("--text-guidance", type=float, default=5.0, help="text CFG scale; 1 = 2-forward audio-only CFG")
+    ap.add_argument("--audio-guidance", type=float, default=4.0, help="audio CFG scale (3-5 recommended)")
+    ap.add_argument("--shift", type=float, default=None, help="timestep shift (default 7 at 480p, 11 at 720p)")
+    ap.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    ap.add_argument("--max-duration", type=float, default=None, help="cap the output length in seconds")
+    ap.add_argument("--color-correction", type=float, default=1.0, help="0..1 colour match to the reference")
+    ap.add_argument("--apg", action="store_true", help="adaptive projected guidance instead of plain CFG")
+    ap.add_argument("--prompt", default=None, help="text prompt")
+    ap.add_argument("--negative-prompt", default=None, help="negative prompt (default: the official one)")
+    ap.add_argument("--crf", type=int, default=18, help="H.264 CRF, 0-51, lower is better (default 18)")
+    ap.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    ap.add_argument("--attention-backend", default=None,
+                    help="diffusers attention backend, e.g. native or _native_cudnn (default: native)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .pipeline import DEFAULT_PROMPT, GenerationError, GenerationRequest, InfiniteTalkPipeline
+    from .weights import WeightsError
+
+    request = GenerationRequest(
+        image=args.image or args.video, audio=args.audio, audio_2=args.audio2, audio_mode=args.audio_mode,
+        bboxes=args.bbox, prompt=args.prompt or DEFAULT_PROMPT, negative_prompt=args.negative_prompt,
+        resolution=args.resolution, width=args.width, height=args.height, max_duration=args.max_duration,
+        steps=args.steps, text_guidance=args.text_guidance, audio_guidance=args.audio_guidance, shift=args.shift,
+        seed=args.seed, color_correction=args.color_correction, apg=args.apg, crf=args.crf,
+    )
+    try:
+        request.validate()
+        pipe = InfiniteTalkPipeline.from_pretrained(args.weights, device=args.device,
+                                                    attention_backend=args.attention_backend)
+        result = pipe.generate(request, args.out, show_progress=not args.quiet)
+    except (InputError, GenerationError, WeightsError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {result.path}: {result.num_frames} frames, {result.duration:.2f} s, "
+          f"{result.width}x{result.height}, {result.num_chunks} chunk(s), seed {result.seed}")
+    return 0
