@@ -439,11 +439,10 @@ class InfiniteTalkPipeline:
                                           callback=on_step, generator=generator, burn_motion_noise=k > 0)
                     finally:
                         step_bar.close()
-                    video = vae_decode(self.vae, x0[None].to(self.dtype if self.vae.dtype != torch.float32 else torch.float32))
+                    video = vae_decode(self.vae, x0[None])  # [1, 3, 81, H, W] in [-1, 1], on the device
                     if req.color_correction > 0:
-                        video = match_and_blend_colors(video.cpu(), color_ref, req.color_correction)
-                    video = video.cpu()
-                    motion_frames = video[:, :, -MOTION_FRAMES:].to(self.device)
+                        video = match_and_blend_colors(video, color_ref.to(video.device), req.color_correction)
+                    motion_frames = video[:, :, -MOTION_FRAMES:]
                     new = video[0] if k == 0 else video[0, :, plan.motion_frames_per_chunk[k]:]
                     keep = min(new.shape[1], total_frames - frames_done)
                     if keep > 0:
