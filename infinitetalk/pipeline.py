@@ -214,7 +214,7 @@ class InfiniteTalkPipeline:
     @classmethod
     def from_pretrained(cls, weights_dir: str | Path, *, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
-                        attention_backend: str | None = None) -> InfiniteTalkPipeline:
+                        attention_backend: str | None = None, compile: bool = False) -> InfiniteTalkPipeline:
         """Load every component from a weights folder in the layout of ``weights/README.md``."""
         from diffusers import AutoencoderKLWan
         from transformers import AutoTokenizer, CLIPVisionModelWithProjection, UMT5EncoderModel
@@ -235,6 +235,8 @@ class InfiniteTalkPipeline:
         timings["transformer"] = time.perf_counter() - t0
         if attention_backend:
             transformer.set_attention_backend(attention_backend)
+        if compile:
+            compile_transformer(transformer)
         t0 = time.perf_counter()
         vae = AutoencoderKLWan.from_pretrained(paths.base / "vae", torch_dtype=vae_dtype).to(device).eval()
         text_encoder = UMT5EncoderModel.from_pretrained(paths.base / "text_encoder", dtype=dtype).to(device).eval()
@@ -434,11 +436,13 @@ class InfiniteTalkPipeline:
                         if callback is not None:
                             callback(ProgressEvent(k, plan.num_chunks, i + 1, n, frames_done, total_frames))
 
+                    t_chunk = time.perf_counter()
                     try:
                         x0 = sample_euler(denoise, noise.to(self.device), timesteps, motion_latents=motion.float(),
                                           callback=on_step, generator=generator, burn_motion_noise=k > 0)
                     finally:
                         step_bar.close()
+                    t_sampled = _sync_time(self.device)
                     video = vae_decode(self.vae, x0[None])  # [1, 3, 81, H, W] in [-1, 1], on the device
                     if req.color_correction > 0:
                         video = match_and_blend_colors(video, color_ref.to(video.device), req.color_correction)
@@ -449,6 +453,9 @@ class InfiniteTalkPipeline:
                         writer.write(frames_to_uint8(new[:, :keep]))
                         frames_done += keep
                     chunk_bar.update(1)
+                    t_done = _sync_time(self.device)
+                    timings.setdefault("sampling_per_chunk", []).append(t_sampled - t_chunk)
+                    timings.setdefault("chunk_seconds", []).append(t_done - t_chunk)
                     del video, new, x0
                     if callback is not None:
                         callback(ProgressEvent(k, plan.num_chunks, len(timesteps) - 1, len(timesteps) - 1,
@@ -476,6 +483,22 @@ class InfiniteTalkPipeline:
             return out[0].float()
 
         return model
+
+
+def compile_transformer(transformer) -> bool:
+    """Regional ``torch.compile`` of the repeated blocks (compiled once, reused by all 40)."""
+    try:
+        transformer.compile_repeated_blocks(dynamic=False)
+        return True
+    except Exception as exc:  # compile is an optimisation: never fail the server for it
+        logger.warning("torch.compile unavailable, running eager: %s", exc)
+        return False
+
+
+def _sync_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _to_model_frame(image, size: tuple[int, int]) -> torch.Tensor:

@@ -21,6 +21,7 @@ import datetime as _dt
 import gc
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -132,10 +133,34 @@ def time_cuda(fn, warmup=1, repeats=3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def apply_variant(model, variant: str) -> None:
+    """Speed/memory variants of one model: ``eager``, ``compile`` (regional), ``fp8-storage``."""
+    if variant == "compile":
+        from infinitetalk.pipeline import compile_transformer
+
+        compile_transformer(model)
+    elif variant == "fp8-storage":
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    elif variant != "eager":
+        raise ValueError(f"unknown variant {variant}")
+
+
 def bench_forward(args) -> list[dict]:
     env = _env()
+    torch.manual_seed(0)  # same random weights in every process, so outputs can be compared
     model = build_random_model(FULL_CONFIG, num_layers=args.layers)
     layers = model.config.num_layers
+    records = []
+    refs = torch.load(args.ref, weights_only=True) if args.ref and args.ref.exists() else {}
+    for variant in args.variants:
+        apply_variant(model, variant)
+        records += _forward_sweep(args, model, env, layers, variant, refs)
+    if args.ref and not args.ref.exists():
+        torch.save(refs, args.ref)
+    return records
+
+
+def _forward_sweep(args, model, env, layers, variant, refs) -> list[dict]:
     records = []
     for res in args.resolutions:
         h, w = BUCKETS[res]
@@ -146,11 +171,21 @@ def bench_forward(args) -> list[dict]:
                 torch.cuda.reset_peak_memory_stats()
                 with torch.no_grad():
                     sec = time_cuda(lambda: model(*inputs, ref_target_masks=masks, return_dict=False), args.warmup, args.repeats)
+                    out = model(*inputs, ref_target_masks=masks, return_dict=False)[0].float()
+                key = f"{res}-{speakers}"
+                rel_err = None
+                if key in refs:
+                    ref = refs[key].to(out.device)
+                    rel_err = round(((out - ref).norm() / ref.norm()).item(), 5)
+                elif variant == "eager":
+                    refs[key] = out.cpu()
                 scale = FULL_CONFIG["num_layers"] / layers  # extrapolate when fewer layers were built
                 fl = forward_flops(FULL_CONFIG, h, w, speakers=speakers)
                 sec_full = sec * scale
                 rec = dict(
-                    env, mode="forward", resolution=res, width=w, height=h, speakers=speakers, backend=backend,
+                    env, mode="forward", variant=variant, rel_l2_vs_eager_bf16=rel_err, resolution=res, width=w,
+                    height=h, speakers=speakers, backend=backend,
+                    weights_memory_gb=round(torch.cuda.memory_allocated() / 1e9, 2),
                     layers_measured=layers, seconds_per_forward=round(sec_full, 4),
                     achieved_tflops=round(fl["total_flops"] / sec_full / 1e12, 1),
                     floor_seconds_per_forward=round(fl["floor_seconds"], 4),
@@ -174,11 +209,16 @@ def main(argv=None) -> int:
     ap.add_argument("--speakers", default="1", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--modes", default="exact,turbo", type=lambda s: s.split(","))
     ap.add_argument("--layers", type=int, default=None, help="build fewer blocks and extrapolate (memory/time)")
+    ap.add_argument("--variants", default="eager", type=lambda s: s.split(","),
+                    help="forward: eager, compile, fp8-storage (applied in order to one model)")
+    ap.add_argument("--ref", type=Path, default=None, help="file holding eager outputs to compute errors against")
+    ap.add_argument("--compile", action="store_true", help="chunk: regional torch.compile of the blocks")
+    ap.add_argument("--vae-bf16", action="store_true", help="chunk: run the VAE in bf16")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and os.environ.get("BENCH_SMOKE") != "1":
         print("error: the benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -199,9 +239,9 @@ def main(argv=None) -> int:
 
 
 def print_table(records: list[dict]) -> None:
-    cols = ["mode", "resolution", "speakers", "backend", "seconds_per_forward", "achieved_tflops",
+    cols = ["mode", "variant", "resolution", "speakers", "backend", "seconds_per_forward", "achieved_tflops",
             "floor_seconds_per_forward", "ratio_to_floor", "seconds_per_chunk", "gpu_seconds_per_video_second",
-            "peak_memory_gb"]
+            "peak_memory_gb", "rel_l2_vs_eager_bf16"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in records:
