@@ -1,0 +1,193 @@
+"""The Cog predictor called directly (no server): tiny weights, 64x64, a few steps, on CPU."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+cog = pytest.importorskip("cog")
+
+import predict  # noqa: E402  (tests/conftest.py puts the repo root on sys.path)
+from infinitetalk.errors import InputError  # noqa: E402
+from infinitetalk.media import ffprobe_streams  # noqa: E402
+
+FPS = 25
+
+
+def run_defaults() -> dict:
+    """The run() defaults as values: cog's Input() defaults are FieldInfo objects."""
+    out = {}
+    for name, param in inspect.signature(predict.Predictor.run).parameters.items():
+        if name == "self":
+            continue
+        default = param.default
+        out[name] = default.default if isinstance(default, cog.FieldInfo) else default
+    return out
+
+
+def _run_dirs() -> set[str]:
+    tmp = Path(tempfile.gettempdir())
+    return {p.name for p in tmp.glob("infinitetalk-*")}
+
+
+def _ffmpeg_children() -> list[psutil.Process]:
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "ffmpeg" in child.name() and child.status() != psutil.STATUS_ZOMBIE:
+                out.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def private_tmp(tmp_path_factory):
+    """All temporary files of these tests in a private folder, so leftovers are ours to see."""
+    old = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("predict_tmp"))
+    yield Path(tempfile.tempdir)
+    tempfile.tempdir = old
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_weights, private_tmp):
+    old = os.environ.get("INFINITETALK_WEIGHTS")
+    os.environ["INFINITETALK_WEIGHTS"] = str(tiny_weights)
+    try:
+        p = predict.Predictor()
+        p.setup()
+    finally:
+        if old is None:
+            os.environ.pop("INFINITETALK_WEIGHTS", None)
+        else:
+            os.environ["INFINITETALK_WEIGHTS"] = old
+        # setup() switches the Hub clients off for the predictions; do not leak that into other tests.
+        os.environ.pop("HF_HUB_OFFLINE", None)
+        os.environ.pop("TRANSFORMERS_OFFLINE", None)
+    metrics: dict = {}
+    p.record_metric = lambda key, value, mode="replace": metrics.__setitem__(key, value)  # type: ignore[method-assign]
+    p.test_metrics = metrics
+    yield p
+    p._cleanup_previous()
+
+
+def args(**overrides) -> dict:
+    kw = run_defaults()
+    kw.update(width=64, height=64, steps=2, seed=123, quality=8)
+    kw.update(overrides)
+    return kw
+
+
+def test_inputs_are_documented_with_defaults_and_ranges():
+    params = inspect.signature(predict.Predictor.run).parameters
+    expected = {"image", "audio", "audio_2", "audio_mode", "box_1", "box_2", "prompt", "negative_prompt",
+                "resolution", "width", "height", "max_duration", "steps", "text_guidance", "audio_guidance",
+                "shift", "seed", "color_correction", "apg", "quality"}
+    assert set(params) - {"self"} == expected
+    for name in expected:
+        field = params[name].default
+        assert isinstance(field, cog.FieldInfo) and field.description, name
+    d = run_defaults()
+    assert (d["steps"], d["text_guidance"], d["audio_guidance"], d["resolution"], d["audio_mode"]) == (
+        40, 5.0, 4.0, "480p", "para")
+    assert d["seed"] is None and d["audio_2"] is None and d["width"] is None
+    assert predict.quality_to_crf(d["quality"]) == 16
+    assert [predict.quality_to_crf(q) for q in (1, 10)] == [37, 10]
+
+
+def test_generates_mp4_with_audio_duration(predictor, portrait, make_speech, capsys):
+    speech = make_speech(1.6, "predict_ok")
+    before = _run_dirs()
+    out = predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech)))
+    assert isinstance(out, Path) and out.suffix == ".mp4" and out.is_file()
+    info = ffprobe_streams(out)
+    v, a = info["video"], info["audio"]
+    assert v["codec"] == "h264" and (v["width"], v["height"]) == (64, 64) and v["fps"] == pytest.approx(FPS)
+    assert a is not None and a["codec"] == "aac"
+    assert v["nb_frames"] == round(1.6 * FPS)
+    assert abs(info["format_duration"] - 1.6) <= 1.0 / FPS + 1e-3
+    logs = capsys.readouterr()
+    assert "seed: 123" in logs.out
+    m = predictor.test_metrics
+    assert m["chunks"] == 1 and m["denoising_steps"] == 2 and m["frames"] == 40
+    assert m["video_seconds"] == pytest.approx(1.6) and m["seed"] == 123
+    # Only this prediction's own folder (holding the output) is left, and the next run removes it.
+    assert _run_dirs() - before == {out.parent.name}
+    predictor._cleanup_previous()
+    assert not out.exists() and _run_dirs() <= before
+
+
+def test_random_seed_is_logged_and_cancel_cleans_up(predictor, portrait, make_speech, capsys):
+    """CancelationException (a BaseException) between steps: no temp folder, no partial file, no ffmpeg left."""
+    speech = make_speech(1.0, "predict_cancel")
+    before = _run_dirs()
+    calls = []
+
+    def cancel_on_first_step(key, value, mode="replace"):
+        calls.append(key)
+        if key == "denoising_steps":
+            raise cog.CancelationException()
+
+    predictor.record_metric = cancel_on_first_step
+    try:
+        with pytest.raises(cog.CancelationException):
+            predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech), seed=None, steps=4))
+    finally:
+        metrics = predictor.test_metrics
+        predictor.record_metric = lambda key, value, mode="replace": metrics.__setitem__(key, value)
+    assert calls == ["denoising_steps"]
+    seed_lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("seed: ")]
+    assert len(seed_lines) == 1 and 0 <= int(seed_lines[0].split()[1]) <= predict.MAX_SEED
+    assert _run_dirs() <= before
+    assert not list(Path(tempfile.gettempdir()).glob("**/*.partial"))
+    assert not _ffmpeg_children()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"box_1": "10,10,50,50", "box_2": "10,60,50,120"}, "only used with two speakers"),
+        ({"width": 64, "height": None}, "width and height must be given together"),
+        ({"width": 72, "height": 64}, "multiple of 16"),
+        ({"quality": 0}, "quality must be between 1 and 10"),
+        ({"steps": 0}, "steps must be between 1 and 100"),
+        ({"max_duration": 601.0}, "max_duration must be at most 600"),
+        ({"resolution": "1080p"}, "resolution must be"),
+        ({"seed": -1}, "seed must be between"),
+    ],
+)
+def test_invalid_input_is_a_clear_input_error(predictor, portrait, make_speech, overrides, message):
+    speech = make_speech(1.0, "predict_bad")
+    before = _run_dirs()
+    with pytest.raises(InputError) as err:
+        predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech), **overrides))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+    assert _run_dirs() <= before
+
+
+def test_boxes_need_both_and_a_second_speaker(predictor, portrait, make_speech):
+    speech = make_speech(1.0, "predict_bad")
+    with pytest.raises(InputError, match="give both box_1 and box_2"):
+        predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech), audio_2=cog.Path(speech),
+                             box_1="1,2,30,40"))
+    with pytest.raises(InputError, match="top,left,bottom,right"):
+        predict.parse_box("a,b,c,d", "box_1")
+    with pytest.raises(InputError, match="bottom > top"):
+        predict.parse_box("50,0,10,20", "box_1")
+    assert predict.parse_box(" 1, 2 ,30,40 ", "box_1") == [1.0, 2.0, 30.0, 40.0]
+    assert predict.parse_box("", "box_1") is None
+
+
+def test_audio_that_is_an_image_fails_cleanly(predictor, portrait):
+    before = _run_dirs()
+    with pytest.raises(InputError) as err:
+        predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(portrait)))
+    assert "Traceback" not in str(err.value)
+    assert _run_dirs() <= before
