@@ -251,7 +251,8 @@ def sample_euler(
 
     def burn() -> None:
         if burn_motion_noise:
-            torch.randn(motion.shape, generator=generator, dtype=motion.dtype, device=motion.device)
+            torch.randn(motion.shape, generator=generator, dtype=motion.dtype,
+                        device=generator.device if generator is not None else motion.device)
 
     burn()
     _inject(latent, motion)
