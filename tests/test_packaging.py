@@ -1,0 +1,158 @@
+"""Packaging checks: cog.yaml, the two requirements files in step, every import pinned, schema current."""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: import name -> distribution name, where they differ (or to be explicit).
+IMPORT_TO_DIST = {
+    "PIL": "pillow",
+    "skimage": "scikit-image",
+    "yaml": "pyyaml",
+    "soundfile": "soundfile",
+    "soxr": "soxr",
+    "pyloudnorm": "pyloudnorm",
+    "safetensors": "safetensors",
+    "huggingface_hub": "huggingface-hub",
+    "diffusers": "diffusers",
+    "transformers": "transformers",
+    "accelerate": "accelerate",
+    "tqdm": "tqdm",
+    "numpy": "numpy",
+    "scipy": "scipy",
+    "requests": "requests",
+    "cog": "cog",
+    "torch": "torch",
+    "sentencepiece": "sentencepiece",
+    "tokenizers": "tokenizers",
+}
+LOCAL_PACKAGES = {"infinitetalk"}
+#: CUDA versions cog's compatibility matrix lists for the torch pin.
+TORCH_CUDA = {"2.11.0": {"12.6", "12.8", "12.9", "13.0"}}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        assert not line.startswith("-"), f"{path.name}: options/includes are not supported by cog: {line!r}"
+        name, sep, version = line.partition("==")
+        assert sep and version and re.fullmatch(r"[A-Za-z0-9_.\-]+", name.strip()), (
+            f"{path.name}: every requirement must be pinned with ==: {line!r}")
+        pins[_norm(name.strip())] = version.strip()
+    return pins
+
+
+def _optional_import_nodes(tree: ast.AST) -> set[int]:
+    """Import nodes inside ``try: ... except ImportError`` (optional dependencies)."""
+    optional = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try):
+            names = set()
+            for handler in node.handlers:
+                t = handler.type
+                for elt in (t.elts if isinstance(t, ast.Tuple) else [t]):
+                    if isinstance(elt, ast.Name):
+                        names.add(elt.id)
+            if names & {"ImportError", "ModuleNotFoundError"}:
+                for stmt in node.body:
+                    optional.update(id(n) for n in ast.walk(stmt) if isinstance(n, (ast.Import, ast.ImportFrom)))
+    return optional
+
+
+def third_party_imports(files: list[Path]) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for f in files:
+        tree = ast.parse(f.read_text(), filename=str(f))
+        optional = _optional_import_nodes(tree)
+        for node in ast.walk(tree):
+            if id(node) in optional:
+                continue
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top in LOCAL_PACKAGES or top == "__future__":
+                    continue
+                found.setdefault(top, set()).add(str(f.relative_to(ROOT)))
+    return found
+
+
+def _package_files() -> list[Path]:
+    return [ROOT / "predict.py", *sorted((ROOT / "infinitetalk").rglob("*.py"))]
+
+
+def test_cog_yaml_is_valid_and_points_at_the_predictor():
+    cfg = yaml.safe_load((ROOT / "cog.yaml").read_text())
+    assert set(cfg) <= {"build", "image", "model", "run", "predict", "train", "concurrency", "environment", "weights"}
+    build = cfg["build"]
+    assert build["gpu"] is True
+    assert build["python_version"] in ("3.11", "3.12")
+    assert "ffmpeg" in build["system_packages"]
+    assert "python_packages" not in build and "run" not in build  # no build-time downloads
+    assert (ROOT / build["python_requirements"]).is_file()
+    assert cfg["run"] == "predict.py:Predictor" and "predict" not in cfg
+    module, cls = cfg["run"].split(":")
+    tree = ast.parse((ROOT / module).read_text())
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert cls in classes and {"setup", "run"} <= {n.name for n in classes[cls].body if isinstance(n, ast.FunctionDef)}
+    for item in cfg.get("environment") or []:
+        assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", item), item
+    gpu_pins = read_pins(ROOT / build["python_requirements"])
+    assert build["cuda"] in TORCH_CUDA[gpu_pins["torch"]], "cuda must have a torch wheel in cog's matrix"
+    # cog installs the SDK from build.sdk_version and strips cog from python_requirements.
+    assert build["sdk_version"] == read_pins(ROOT / "requirements.txt")["cog"]
+
+
+def test_requirement_files_agree():
+    cpu = read_pins(ROOT / "requirements.txt")
+    gpu = read_pins(ROOT / "requirements-gpu.txt")
+    assert "torch" not in cpu, "requirements.txt is torch-free (CI installs the CPU wheel itself)"
+    assert "torch" in gpu and "cog" not in gpu and "coglet" not in gpu
+    expected = {k: v for k, v in cpu.items() if k != "cog"}
+    assert {k: v for k, v in gpu.items() if k != "torch"} == expected
+
+
+def test_every_import_is_pinned():
+    cpu = read_pins(ROOT / "requirements.txt")
+    gpu = read_pins(ROOT / "requirements-gpu.txt")
+    imports = third_party_imports(_package_files())
+    unknown = {m: sorted(f) for m, f in imports.items() if m not in IMPORT_TO_DIST}
+    assert not unknown, f"imports with no known distribution (add to IMPORT_TO_DIST and the requirements): {unknown}"
+    for module, files in imports.items():
+        dist = _norm(IMPORT_TO_DIST[module])
+        if dist == "torch":
+            assert dist in gpu, files
+        elif dist == "cog":
+            assert dist in cpu, files  # the GPU image gets it from build.sdk_version
+        else:
+            assert dist in cpu and dist in gpu, f"{module} ({dist}) imported by {sorted(files)} is not pinned"
+
+
+def test_predict_imports_nothing_else():
+    imports = third_party_imports([ROOT / "predict.py"])
+    assert set(imports) <= {"cog"}, imports
+
+
+def test_openapi_schema_is_current():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_openapi_schema.py"), "--check"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
