@@ -1,0 +1,297 @@
+"""End to end through cog's own HTTP server (``python -m cog.server.http``, coglet), no Docker.
+
+One server for the module, on loopback, with the tiny weights. Covers: sync prediction with
+data-URL inputs and a data-URL MP4 output, schema validation (422), a failing input with a clear
+message, an async prediction cancelled mid-denoising (webhook ``completed`` with ``canceled``,
+no temp files left), and an async prediction after it that succeeds (webhook ``completed``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("cog")
+
+from infinitetalk.media import ffprobe_streams  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+READY_TIMEOUT_S = 300.0
+PREDICT_TIMEOUT_S = 300.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data_url(path: Path, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _request(method: str, url: str, body: dict | None = None, headers: dict | None = None,
+             timeout: float = 30.0) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw = resp.read()
+            status = resp.status
+    except urllib.error.HTTPError as err:
+        raw, status = err.read(), err.code
+    try:
+        return status, json.loads(raw) if raw else {}
+    except ValueError:
+        return status, {"raw": raw.decode(errors="replace")}
+
+
+class WebhookReceiver:
+    """Collects webhook POSTs on 127.0.0.1 in a thread."""
+
+    def __init__(self) -> None:
+        self.events: queue.Queue[dict] = queue.Queue()
+        events = self.events
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                try:
+                    events.put(json.loads(self.rfile.read(length) or b"{}"))
+                finally:
+                    self.send_response(200)
+                    self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait_for(self, pred_id: str, condition, timeout: float) -> tuple[dict | None, list[dict]]:
+        """First event of ``pred_id`` matching ``condition`` (bounded by time), and all events seen."""
+        seen = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                ev = self.events.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+            except queue.Empty:
+                continue
+            if ev.get("id") != pred_id:
+                continue
+            seen.append(ev)
+            if condition(ev):
+                return ev, seen
+        return None, seen
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class CogServer:
+    def __init__(self, weights: Path, tmpdir: Path, log_path: Path) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.tmpdir = tmpdir
+        env = dict(os.environ)
+        env.update(
+            COG_PREDICT_TYPE_STUB="predict.py:Predictor",
+            PORT=str(self.port),
+            PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
+            INFINITETALK_WEIGHTS=str(weights),
+            TMPDIR=str(tmpdir),
+            HF_HUB_OFFLINE="1",
+            PYTHONUNBUFFERED="1",
+        )
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"], cwd=ROOT,
+                                     env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        last: dict = {}
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"cog server exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                status, last = _request("GET", self.url + "/health-check", timeout=5)
+                if status == 200 and last.get("status") == "READY":
+                    return last
+                if last.get("status") == "SETUP_FAILED":
+                    raise RuntimeError(f"setup failed: {last}")
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"cog server not READY after {timeout:.0f}s: {last} {self.log_tail()}")
+
+    def log_tail(self, n: int = 4000) -> str:
+        self.log.flush()
+        try:
+            return Path(self.log.name).read_bytes()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                try:
+                    _request("POST", self.url + "/shutdown", timeout=5)
+                except (urllib.error.URLError, OSError):
+                    pass
+                try:
+                    self.proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    self.proc.terminate()
+                    try:
+                        self.proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        pass
+            # The worker (and any ffmpeg) run in the server's session: make sure none outlives the test.
+            try:
+                os.killpg(self.proc.pid, 9)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        finally:
+            self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_weights, tmp_path_factory):
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg not installed")
+    tmpdir = tmp_path_factory.mktemp("cog_tmp")
+    log_path = tmp_path_factory.mktemp("cog_log") / "server.log"
+    srv = CogServer(tiny_weights, tmpdir, log_path)
+    try:
+        health = srv.wait_ready(READY_TIMEOUT_S)
+        assert health["setup"]["status"] == "succeeded", health
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def webhook():
+    rec = WebhookReceiver()
+    yield rec
+    rec.close()
+
+
+@pytest.fixture(scope="module")
+def inputs(portrait, make_speech):
+    return {
+        "image": _data_url(portrait, "image/png"),
+        "speech": _data_url(make_speech(1.2, "http_speech"), "audio/wav"),
+        "long_speech": _data_url(make_speech(10.0, "http_long"), "audio/wav"),
+    }
+
+
+def _tiny(inputs: dict, **extra) -> dict:
+    return {"image": inputs["image"], "audio": inputs["speech"], "width": 64, "height": 64, "steps": 2,
+            "seed": 7, **extra}
+
+
+def _leftovers(tmpdir: Path) -> list[str]:
+    return sorted(str(p.relative_to(tmpdir)) for p in tmpdir.rglob("*")
+                  if p.name.startswith("infinitetalk-") or p.name.endswith(".partial"))
+
+
+def test_sync_prediction_returns_the_mp4(server, inputs, tmp_path):
+    status, body = _request("POST", server.url + "/predictions", {"input": _tiny(inputs)},
+                            timeout=PREDICT_TIMEOUT_S)
+    assert status == 200, body
+    assert body["status"] == "succeeded", (body.get("error"), body.get("logs"), server.log_tail())
+    assert "seed: 7" in body["logs"]
+    assert body["metrics"]["chunks"] == 1 and body["metrics"]["denoising_steps"] == 2
+    assert body["metrics"]["video_seconds"] == pytest.approx(1.2)
+    head, b64 = body["output"].split(",", 1)
+    assert head.startswith("data:") and head.endswith(";base64")
+    out = tmp_path / "out.mp4"
+    out.write_bytes(base64.b64decode(b64))
+    info = ffprobe_streams(out)
+    assert info["video"]["codec"] == "h264" and info["audio"]["codec"] == "aac"
+    assert (info["video"]["width"], info["video"]["height"]) == (64, 64)
+    assert info["video"]["fps"] == pytest.approx(25)
+    assert abs(info["format_duration"] - 1.2) <= 0.04 + 1e-3
+
+
+def test_schema_rejects_out_of_range_with_422(server, inputs):
+    status, body = _request("GET", server.url + "/openapi.json")
+    assert status == 200 and "quality" in body["components"]["schemas"]["Input"]["properties"]
+    for bad in ({"steps": 1000}, {"quality": 11}, {"resolution": "1080p"}, {"width": "wide"}):
+        status, body = _request("POST", server.url + "/predictions", {"input": _tiny(inputs, **bad)})
+        assert status == 422, (bad, body)
+        assert body["detail"][0]["loc"][-1] == next(iter(bad)), body
+
+
+def test_invalid_input_fails_with_a_clear_message(server, inputs):
+    bad = _tiny(inputs, box_1="10,10,50,50", box_2="10,60,50,120")  # boxes without a second speaker
+    status, body = _request("POST", server.url + "/predictions", {"input": bad}, timeout=PREDICT_TIMEOUT_S)
+    assert status == 200 and body["status"] == "failed", body
+    assert "box_1/box_2 are only used with two speakers" in body["error"]
+    assert "Traceback" not in body["error"] and "\n" not in body["error"].strip()
+    bad = _tiny(inputs, audio=inputs["image"])  # a picture where the speech should be
+    status, body = _request("POST", server.url + "/predictions", {"input": bad}, timeout=PREDICT_TIMEOUT_S)
+    assert body["status"] == "failed" and "Traceback" not in body["error"], body
+
+
+def test_cancel_mid_denoising_then_next_prediction_succeeds(server, inputs, webhook):
+    long_input = _tiny(inputs, audio=inputs["long_speech"], steps=50)
+    status, body = _request("POST", server.url + "/predictions",
+                            {"id": "cancel-me", "input": long_input, "webhook": webhook.url},
+                            headers={"Prefer": "respond-async"})
+    assert status == 202, body
+
+    # Wait until denoising has started (tqdm's step bar is in the streamed logs), then cancel.
+    started, seen = webhook.wait_for("cancel-me", lambda ev: "/50 [" in (ev.get("logs") or ""), PREDICT_TIMEOUT_S)
+    assert started is not None, (seen[-1:] if seen else None, server.log_tail())
+    status, busy = _request("POST", server.url + "/predictions", {"input": _tiny(inputs)})
+    assert status == 409, busy  # one slot: a second prediction is refused while this one runs
+    t_cancel = time.monotonic()
+    status, _ = _request("POST", server.url + "/predictions/cancel-me/cancel")
+    assert status == 200
+    done, seen = webhook.wait_for("cancel-me", lambda ev: ev.get("status") in ("canceled", "failed", "succeeded"),
+                                  60.0)
+    elapsed = time.monotonic() - t_cancel
+    assert done is not None and done["status"] == "canceled", (done, server.log_tail())
+    assert elapsed < 15.0, f"cancel took {elapsed:.1f}s"
+    assert "/50 [" in done["logs"] and "50/50" not in done["logs"]
+
+    # Nothing of the cancelled run is left: no pipeline temp folder, no partial MP4, no ffmpeg.
+    deadline = time.monotonic() + 10
+    while _leftovers(server.tmpdir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _leftovers(server.tmpdir) == []
+
+    # The server is usable again: an async prediction completes and its webhook says so.
+    status, body = _request("POST", server.url + "/predictions",
+                            {"id": "after-cancel", "input": _tiny(inputs), "webhook": webhook.url,
+                             "webhook_events_filter": ["start", "completed"]},
+                            headers={"Prefer": "respond-async"})
+    assert status == 202, body
+    done, seen = webhook.wait_for("after-cancel", lambda ev: ev.get("status") in ("canceled", "failed", "succeeded"),
+                                  PREDICT_TIMEOUT_S)
+    assert done is not None and done["status"] == "succeeded", (done and done.get("error"), server.log_tail())
+    assert done["output"].startswith("data:") and done["metrics"]["chunks"] == 1
