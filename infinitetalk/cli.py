@@ -39,10 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resolution", choices=["480p", "720p"], default="480p", help="bucket family (default 480p)")
     ap.add_argument("--width", type=int, default=None, help="explicit width, multiple of 16 (with --height)")
     ap.add_argument("--height", type=int, default=None, help="explicit height, multiple of 16 (with --width)")
-    ap.add_argument("--steps", type=int, default=40, help="denoising steps per chunk (default 40)")
-    ap.add_argument("--text-guidance", type=float, default=5.0, help="text CFG scale; 1 = 2-forward audio-only CFG")
-    ap.add_argument("--audio-guidance", type=float, default=4.0, help="audio CFG scale (3-5 recommended)")
-    ap.add_argument("--shift", type=float, default=None, help="timestep shift (default 7 at 480p, 11 at 720p)")
+    ap.add_argument("--turbo", action="store_true",
+                    help="distilled lightx2v LoRA: 4 steps, 2 forwards per step (needs weights/lightx2v/)")
+    ap.add_argument("--lora", type=Path, default=None, help="turbo LoRA file (default: weights/lightx2v/*.safetensors)")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default 40; turbo 4)")
+    ap.add_argument("--text-guidance", type=float, default=None,
+                    help="text CFG scale (default 5; turbo 1); 1 = 2-forward audio-only CFG")
+    ap.add_argument("--audio-guidance", type=float, default=None, help="audio CFG scale (default 4; turbo 2)")
+    ap.add_argument("--shift", type=float, default=None, help="timestep shift (default 7 at 480p, 11 at 720p; turbo 2)")
     ap.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
     ap.add_argument("--max-duration", type=float, default=None, help="cap the output length in seconds")
     ap.add_argument("--color-correction", type=float, default=1.0, help="0..1 colour match to the reference")
@@ -53,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     ap.add_argument("--attention-backend", default=None,
                     help="diffusers attention backend, e.g. native or _native_cudnn (default: native)")
+    ap.add_argument("--compile", action="store_true", help="regional torch.compile (GPU: ~13%% faster forwards)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
@@ -68,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         bboxes=args.bbox, prompt=args.prompt or DEFAULT_PROMPT, negative_prompt=args.negative_prompt,
         resolution=args.resolution, width=args.width, height=args.height, max_duration=args.max_duration,
         steps=args.steps, text_guidance=args.text_guidance, audio_guidance=args.audio_guidance, shift=args.shift,
-        seed=args.seed, color_correction=args.color_correction, apg=args.apg, crf=args.crf,
+        seed=args.seed, color_correction=args.color_correction, apg=args.apg, crf=args.crf, turbo=args.turbo,
     )
     try:
         request.validate()
-        pipe = InfiniteTalkPipeline.from_pretrained(args.weights, device=args.device,
-                                                    attention_backend=args.attention_backend)
+        pipe = InfiniteTalkPipeline.from_pretrained(args.weights, device=args.device, turbo_lora=args.lora,
+                                                    attention_backend=args.attention_backend,
+                                                    compile=args.compile)
         result = pipe.generate(request, args.out, show_progress=not args.quiet)
     except (InputError, GenerationError, WeightsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

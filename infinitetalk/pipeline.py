@@ -79,44 +79,57 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     max_duration: float | None = None  # seconds; None -> whole audio
-    steps: int = 40
-    text_guidance: float = 5.0
-    audio_guidance: float = 4.0
-    shift: float | None = None  # None -> 7 (480p) / 11 (720p)
+    steps: int | None = None  # None -> 40 (exact) / 4 (turbo)
+    text_guidance: float | None = None  # None -> 5 (exact) / 1 (turbo: 2 forwards per step)
+    audio_guidance: float | None = None  # None -> 4 (exact) / 2 (turbo)
+    shift: float | None = None  # None -> 7 (480p) / 11 (720p) exact, 2 turbo
     seed: int | None = None
     color_correction: float = 1.0
     apg: bool = False
     crf: int = 18
     turbo: bool = False  # distilled LoRA mode: needs a pipeline loaded with the LoRA
 
+    def resolved(self) -> GenerationRequest:
+        """A copy with the mode's defaults filled in (official values for exact and LoRA modes)."""
+        from dataclasses import replace
+
+        if self.turbo:
+            defaults = dict(steps=4, text_guidance=1.0, audio_guidance=2.0, shift=2.0)
+        else:
+            defaults = dict(steps=40, text_guidance=5.0, audio_guidance=4.0,
+                            shift=7.0 if self.resolution == "480p" else 11.0)
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
     def validate(self) -> None:
+        req = self.resolved()  # validate the effective values
+
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise InputError(msg)
 
-        need(self.audio_mode in ("para", "add"), f"audio_mode must be 'para' or 'add', got {self.audio_mode!r}")
-        need(self.resolution in ("480p", "720p"), f"resolution must be '480p' or '720p', got {self.resolution!r}")
-        need((self.width is None) == (self.height is None), "width and height must be given together")
-        if self.width is not None:
-            for name, v in (("width", self.width), ("height", self.height)):
+        need(req.audio_mode in ("para", "add"), f"audio_mode must be 'para' or 'add', got {req.audio_mode!r}")
+        need(req.resolution in ("480p", "720p"), f"resolution must be '480p' or '720p', got {req.resolution!r}")
+        need((req.width is None) == (req.height is None), "width and height must be given together")
+        if req.width is not None:
+            for name, v in (("width", req.width), ("height", req.height)):
                 need(MIN_SIDE <= int(v) <= MAX_SIDE and int(v) % 16 == 0,
                      f"{name} must be a multiple of 16 between {MIN_SIDE} and {MAX_SIDE}, got {v}")
-        need(1 <= int(self.steps) <= 100, f"steps must be between 1 and 100, got {self.steps}")
-        for name, v, lo, hi in (("text_guidance", self.text_guidance, 0.0, 20.0),
-                                ("audio_guidance", self.audio_guidance, 0.0, 20.0),
-                                ("color_correction", self.color_correction, 0.0, 1.0)):
+        need(1 <= int(req.steps) <= 100, f"steps must be between 1 and 100, got {req.steps}")
+        for name, v, lo, hi in (("text_guidance", req.text_guidance, 0.0, 20.0),
+                                ("audio_guidance", req.audio_guidance, 0.0, 20.0),
+                                ("color_correction", req.color_correction, 0.0, 1.0)):
             need(math.isfinite(v) and lo <= v <= hi, f"{name} must be between {lo:g} and {hi:g}, got {v}")
-        if self.shift is not None:
-            need(math.isfinite(self.shift) and 0.1 <= self.shift <= 50, f"shift must be between 0.1 and 50, got {self.shift}")
-        if self.max_duration is not None:
-            need(math.isfinite(self.max_duration) and self.max_duration >= 0.04,
-                 f"max_duration must be at least 0.04 s (one frame), got {self.max_duration}")
-        need(0 <= int(self.crf) <= 51, f"crf must be between 0 and 51, got {self.crf}")
-        if self.seed is not None:
-            need(0 <= int(self.seed) < 2**63, f"seed must be between 0 and 2^63-1, got {self.seed}")
-        if self.bboxes is not None:
-            need(self.audio_2 is not None, "boxes are only used with two speakers (audio_2)")
-            need(len(self.bboxes) == 2 and all(len(b) == 4 for b in self.bboxes),
+        if req.shift is not None:
+            need(math.isfinite(req.shift) and 0.1 <= req.shift <= 50, f"shift must be between 0.1 and 50, got {req.shift}")
+        if req.max_duration is not None:
+            need(math.isfinite(req.max_duration) and req.max_duration >= 0.04,
+                 f"max_duration must be at least 0.04 s (one frame), got {req.max_duration}")
+        need(0 <= int(req.crf) <= 51, f"crf must be between 0 and 51, got {req.crf}")
+        if req.seed is not None:
+            need(0 <= int(req.seed) < 2**63, f"seed must be between 0 and 2^63-1, got {req.seed}")
+        if req.bboxes is not None:
+            need(req.audio_2 is not None, "boxes are only used with two speakers (audio_2)")
+            need(len(req.bboxes) == 2 and all(len(b) == 4 for b in req.bboxes),
                  "boxes must be two [top, left, bottom, right] boxes, one per speaker")
 
 
@@ -166,6 +179,7 @@ class WeightPaths:
     multi: Path | None
     wav2vec: Path
     prepared: Path | None  # our prepared transformer folder (optional, faster start)
+    turbo_lora: Path | None = None  # lightx2v step/CFG-distilled LoRA (optional)
 
     @classmethod
     def discover(cls, root: str | Path) -> WeightPaths:
@@ -185,8 +199,9 @@ class WeightPaths:
             raise FileNotFoundError(
                 "weights folder is incomplete; missing: " + ", ".join(missing)
                 + " (run scripts/download_weights.py, see weights/README.md)")
+        loras = sorted((root / "lightx2v").glob("*.safetensors")) if (root / "lightx2v").is_dir() else []
         return cls(root, base, single if single.exists() else None, multi if multi.exists() else None, wav2vec,
-                   prepared if prepared.exists() else None)
+                   prepared if prepared.exists() else None, loras[0] if loras else None)
 
 
 class InfiniteTalkPipeline:
@@ -209,12 +224,15 @@ class InfiniteTalkPipeline:
         self._audio_sets: dict[str, dict[str, torch.Tensor]] = {}
         self._prompt_cache: dict[str, tuple[torch.Tensor, bool]] = {}
         self.turbo_loaded = False
+        self.turbo_only = False
+        self.lora_adapter = None
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, weights_dir: str | Path, *, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
-                        attention_backend: str | None = None, compile: bool = False) -> InfiniteTalkPipeline:
+                        attention_backend: str | None = None, compile: bool = False,
+                        turbo_lora: str | Path | None = None, fuse_turbo: bool = False) -> InfiniteTalkPipeline:
         """Load every component from a weights folder in the layout of ``weights/README.md``."""
         from diffusers import AutoencoderKLWan
         from transformers import AutoTokenizer, CLIPVisionModelWithProjection, UMT5EncoderModel
@@ -235,6 +253,15 @@ class InfiniteTalkPipeline:
         timings["transformer"] = time.perf_counter() - t0
         if attention_backend:
             transformer.set_attention_backend(attention_backend)
+        lora_path = Path(turbo_lora) if turbo_lora else paths.turbo_lora
+        adapter = None
+        if lora_path is not None:
+            from .lora import LoRAAdapter, fuse_lora
+
+            if fuse_turbo:  # a turbo-only server: deltas added into the weights, no run-time cost
+                fuse_lora(transformer, lora_path)
+            else:
+                adapter = LoRAAdapter(transformer, lora_path)
         if compile:
             compile_transformer(transformer)
         t0 = time.perf_counter()
@@ -251,6 +278,9 @@ class InfiniteTalkPipeline:
         pipe = cls(transformer, vae, text_encoder, tokenizer, image_encoder, audio_encoder, device=device,
                    dtype=dtype, clip_size=size, clip_mean=mean, clip_std=std, multi_weights=paths.multi)
         pipe.load_timings = timings
+        pipe.lora_adapter = adapter
+        pipe.turbo_loaded = lora_path is not None
+        pipe.turbo_only = bool(lora_path is not None and fuse_turbo)
         logger.info("loaded InfiniteTalk on %s (%s): %s", device, dtype,
                     ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
         return pipe
@@ -303,6 +333,7 @@ class InfiniteTalkPipeline:
     def generate(self, request: GenerationRequest, output_path: str | Path,
                  callback: ProgressCallback | None = None, show_progress: bool = True) -> GenerationResult:
         """Run one request and write the MP4 to ``output_path``."""
+        request = request.resolved()
         request.validate()
         try:
             with tempfile.TemporaryDirectory(prefix="infinitetalk-") as tmp:
@@ -327,6 +358,10 @@ class InfiniteTalkPipeline:
         t_start = time.perf_counter()
         if req.turbo and not self.turbo_loaded:
             raise InputError("turbo mode needs the distilled LoRA, which is not installed on this server")
+        if not req.turbo and self.turbo_only:
+            raise InputError("this server runs turbo mode only (the LoRA is fused into the weights)")
+        if self.lora_adapter is not None:
+            self.lora_adapter.enabled = bool(req.turbo)
 
         # 1. Reference: image, or video for dubbing.
         info = media.probe(req.image)
@@ -345,7 +380,7 @@ class InfiniteTalkPipeline:
             height, width = int(req.height), int(req.width)
         else:
             height, width = choose_bucket(src_h, src_w, req.resolution)
-        shift = req.shift if req.shift is not None else (7.0 if req.resolution == "480p" else 11.0)
+        shift = req.shift
 
         # 3. Audio: decode, loudness-normalise, combine speakers, wav2vec2 features.
         t0 = time.perf_counter()
@@ -503,11 +538,8 @@ def _sync_time(device: torch.device) -> float:
 
 def _to_model_frame(image, size: tuple[int, int]) -> torch.Tensor:
     """PIL image -> bucket-resized, centre-cropped frame in [-1, 1], ``[3, H, W]`` float32."""
-    arr = resize_and_centercrop(image, size)  # uint8 [H, W, 3]
-    arr = np.asarray(arr)
-    if arr.ndim == 5:  # [1, 3, 1, H, W] layout
-        arr = arr[0, :, 0].transpose(1, 2, 0)
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
+    arr = np.array(resize_and_centercrop(image, size), dtype=np.uint8, copy=True)  # [H, W, 3]
+    t = torch.from_numpy(arr).permute(2, 0, 1).float()
     return (t / 255.0 - 0.5) * 2.0
 
 
