@@ -55,6 +55,18 @@ def private_tmp(tmp_path_factory):
     tempfile.tempdir = old
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads; with OpenMP's spin-waiting, 2 threads next to ffmpeg (or
+    other load) on a 2-core box made one 64x64 prediction 5-7x slower (6 s vs 42 s measured)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def predictor(tiny_weights, private_tmp):
     old = os.environ.get("INFINITETALK_WEIGHTS")
