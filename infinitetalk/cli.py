@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     ap.add_argument("--attention-backend", default=None,
                     help="diffusers attention backend, e.g. native or _native_cudnn (default: native)")
+    ap.add_argument("--memory-mode", choices=["none", "fp8", "offload"], default="none",
+                    help="smaller GPUs: fp8 weight storage, or block offloading from CPU memory (default none)")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile (GPU: ~13%% faster forwards)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         request.validate()
         pipe = InfiniteTalkPipeline.from_pretrained(args.weights, device=args.device, turbo_lora=args.lora,
                                                     attention_backend=args.attention_backend,
-                                                    compile=args.compile)
+                                                    compile=args.compile, memory_mode=args.memory_mode)
         result = pipe.generate(request, args.out, show_progress=not args.quiet)
     except (InputError, GenerationError, WeightsError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -232,7 +232,8 @@ class InfiniteTalkPipeline:
     def from_pretrained(cls, weights_dir: str | Path, *, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
                         attention_backend: str | None = None, compile: bool = False,
-                        turbo_lora: str | Path | None = None, fuse_turbo: bool = False) -> InfiniteTalkPipeline:
+                        turbo_lora: str | Path | None = None, fuse_turbo: bool = False,
+                        memory_mode: str = "none") -> InfiniteTalkPipeline:
         """Load every component from a weights folder in the layout of ``weights/README.md``."""
         from diffusers import AutoencoderKLWan
         from transformers import AutoTokenizer, CLIPVisionModelWithProjection, UMT5EncoderModel
@@ -262,11 +263,16 @@ class InfiniteTalkPipeline:
                 fuse_lora(transformer, lora_path)
             else:
                 adapter = LoRAAdapter(transformer, lora_path)
+        apply_memory_mode(transformer, memory_mode, device, dtype)
         if compile:
             compile_transformer(transformer)
         t0 = time.perf_counter()
         vae = AutoencoderKLWan.from_pretrained(paths.base / "vae", torch_dtype=vae_dtype).to(device).eval()
-        text_encoder = UMT5EncoderModel.from_pretrained(paths.base / "text_encoder", dtype=dtype).to(device).eval()
+        # In offload mode UMT5-XXL (11 GB) runs on the CPU: prompts are encoded once and cached.
+        text_device = torch.device("cpu") if memory_mode == "offload" else device
+        text_encoder = UMT5EncoderModel.from_pretrained(
+            paths.base / "text_encoder", dtype=dtype if text_device.type == "cuda" else torch.float32
+        ).to(text_device).eval()
         tokenizer = AutoTokenizer.from_pretrained(paths.base / "tokenizer")
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(paths.base / "image_encoder", dtype=dtype)
         image_encoder = image_encoder.to(device).eval()
@@ -317,8 +323,9 @@ class InfiniteTalkPipeline:
         if text not in self._prompt_cache:
             if len(self._prompt_cache) > 16:
                 self._prompt_cache.clear()
-            self._prompt_cache[text] = encode_prompt(self.tokenizer, self.text_encoder, text,
-                                                     self.transformer.config.text_len, self.device)
+            states, truncated = encode_prompt(self.tokenizer, self.text_encoder, text,
+                                              self.transformer.config.text_len, self.text_encoder.device)
+            self._prompt_cache[text] = (states.to(self.device), truncated)
         states, truncated = self._prompt_cache[text]
         if truncated:
             logger.warning("prompt longer than %d tokens was truncated", self.transformer.config.text_len)
@@ -520,6 +527,31 @@ class InfiniteTalkPipeline:
         return model
 
 
+MEMORY_MODES = ("none", "fp8", "offload")
+
+
+def apply_memory_mode(transformer, mode: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Memory modes for smaller cards (benchmarked in BENCHMARKS.md section 4).
+
+    ``fp8``: weights stored in float8 e4m3 and cast per layer at run time (diffusers layerwise
+    casting): weights 19.4 GB instead of 38 GB, same speed, approximate.  ``offload``: weights
+    stay in pinned CPU memory and each block is copied to the GPU on a side stream while the
+    previous one computes (diffusers group offloading): exact, a few GB of VRAM.
+    """
+    if mode == "none":
+        return
+    if mode == "fp8":
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    elif mode == "offload":
+        if device.type != "cuda":
+            return
+        transformer.to("cpu")
+        transformer.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                         offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+    else:
+        raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}")
+
+
 def compile_transformer(transformer) -> bool:
     """Regional ``torch.compile`` of the repeated blocks (compiled once, reused by all 40)."""
     try:
@@ -562,4 +594,6 @@ __all__ = [
     "InfiniteTalkPipeline",
     "ProgressEvent",
     "WeightPaths",
+    "apply_memory_mode",
+    "compile_transformer",
 ]

@@ -203,7 +203,8 @@ def _forward_sweep(args, model, env, layers, variant, refs) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="InfiniteTalk GPU benchmark")
-    ap.add_argument("what", choices=["forward", "chunk"])
+    ap.add_argument("what", choices=["forward", "chunk", "memory", "setup"])
+    ap.add_argument("--scratch", default="/tmp/infinitetalk-setup-bench", help="setup: where to write weights")
     ap.add_argument("--resolutions", default="480p", type=lambda s: s.split(","))
     ap.add_argument("--backends", default="_native_cudnn", type=lambda s: s.split(","))
     ap.add_argument("--speakers", default="1", type=lambda s: [int(x) for x in s.split(",")])
@@ -226,10 +227,18 @@ def main(argv=None) -> int:
     t0 = time.time()
     if args.what == "forward":
         records = bench_forward(args)
-    else:
-        from bench_chunk import bench_chunk  # noqa: WPS433 (kept apart: needs the pipeline)
+    elif args.what == "chunk":
+        from bench_chunk import bench_chunk  # kept apart: needs the pipeline
 
         records = bench_chunk(args)
+    elif args.what == "memory":
+        from bench_memory import bench_memory
+
+        records = bench_memory(args)
+    else:
+        from bench_memory import bench_setup
+
+        records = bench_setup(args)
     print_table(records)
     print(f"total wall time {time.time() - t0:.1f} s")
     if args.json:
