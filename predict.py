@@ -21,11 +21,17 @@ from cog import BaseRunner, Input, Path
 
 from infinitetalk.download import default_weights_dir, ensure_weights
 from infinitetalk.errors import InputError
-from infinitetalk.pipeline import DEFAULT_PROMPT, GenerationRequest, InfiniteTalkPipeline, ProgressEvent
+from infinitetalk.pipeline import GenerationRequest, InfiniteTalkPipeline, ProgressEvent
 
+# `cog build` reads the inputs with a static parser: it resolves only literals and module-level
+# literal assignments, and silently drops anything else (an imported default would make the input
+# required; a computed ge/le would vanish). So every Input() below uses literals; tests check
+# that they match these constants and the library's defaults.
 #: Longest video one prediction makes, in seconds; longer audio is cut (and max_duration is capped to it).
 MAX_VIDEO_SECONDS = 600.0
-MAX_SEED = 2**32 - 1
+MAX_SEED = 4294967295  # 2**32 - 1
+#: = infinitetalk.pipeline.DEFAULT_PROMPT (a literal here for the static schema parser).
+DEFAULT_PROMPT = "A person is talking naturally, looking at the camera."
 
 
 def quality_to_crf(quality: int) -> int:
@@ -130,8 +136,8 @@ class Predictor(BaseRunner):
             description="Explicit output height (multiple of 16); overrides the resolution bucket. Give with width.",
         ),
         max_duration: Optional[float] = Input(
-            default=None, ge=0.04, le=MAX_VIDEO_SECONDS,
-            description=f"Longest video in seconds; empty: the whole audio (at most {MAX_VIDEO_SECONDS:g} s).",
+            default=None, ge=0.04, le=600.0,
+            description="Longest video in seconds; empty: the whole audio (at most 600 s).",
         ),
         steps: int = Input(default=40, ge=1, le=100, description="Denoising steps per 81-frame chunk."),
         text_guidance: float = Input(default=5.0, ge=0.0, le=20.0, description="Prompt guidance scale."),
@@ -142,7 +148,7 @@ class Predictor(BaseRunner):
             description="Noise schedule shift; empty: 7 at 480p, 11 at 720p.",
         ),
         seed: Optional[int] = Input(
-            default=None, ge=0, le=MAX_SEED,
+            default=None, ge=0, le=4294967295,
             description="Random seed for a reproducible result; empty: random (the seed used is in the logs).",
         ),
         color_correction: float = Input(

@@ -156,3 +156,37 @@ def test_openapi_schema_is_current():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_openapi_schema.py"), "--check"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def _literal(node: ast.AST) -> bool:
+    if isinstance(node, ast.Constant):
+        return True
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        return isinstance(node.operand, ast.Constant)
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return all(_literal(e) for e in node.elts)
+    return False
+
+
+def test_inputs_are_statically_resolvable_by_cog_build():
+    """`cog build` parses predict.py without running it (pkg/schema/python in cog 0.22/0.23): it resolves
+    literals and, for default/description/choices, names bound to literals at module level. Anything else
+    is dropped silently (ge/le vanish, an unresolved default turns into "required")."""
+    tree = ast.parse((ROOT / "predict.py").read_text())
+    module_literals = {
+        t.id for n in tree.body if isinstance(n, ast.Assign) and _literal(n.value)
+        for t in n.targets if isinstance(t, ast.Name)
+    }
+    run = next(f for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "Predictor"
+               for f in c.body if isinstance(f, ast.FunctionDef) and f.name == "run")
+    problems = []
+    for arg, default in zip(run.args.args[-len(run.args.defaults):], run.args.defaults):
+        assert isinstance(default, ast.Call) and getattr(default.func, "id", "") == "Input", arg.arg
+        if default.args:
+            problems.append(f"{arg.arg}: pass default= as a keyword")
+        for kw in default.keywords:
+            ok = _literal(kw.value) or (kw.arg in ("default", "description", "choices")
+                                        and isinstance(kw.value, ast.Name) and kw.value.id in module_literals)
+            if not ok:
+                problems.append(f"{arg.arg}: {kw.arg}={ast.unparse(kw.value)} is not a literal")
+    assert not problems, problems

@@ -110,6 +110,12 @@ def test_inputs_are_documented_with_defaults_and_ranges():
         40, 5.0, 4.0, "480p", "para")
     assert d["seed"] is None and d["audio_2"] is None and d["width"] is None
     assert predict.quality_to_crf(d["quality"]) == 16
+    # Literals in the Input() calls (for cog build's static parser) agree with the code's constants.
+    from infinitetalk.pipeline import DEFAULT_PROMPT
+
+    assert d["prompt"] == predict.DEFAULT_PROMPT == DEFAULT_PROMPT
+    assert params["max_duration"].default.le == predict.MAX_VIDEO_SECONDS
+    assert params["seed"].default.le == predict.MAX_SEED == 2**32 - 1
     assert [predict.quality_to_crf(q) for q in (1, 10)] == [37, 10]
 
 
