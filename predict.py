@@ -199,13 +199,13 @@ class Predictor(BaseRunner):
                 self.record_metric("denoising_steps", steps_done)
             last = (ev.chunk, ev.step)
 
+        self._last_workdir = workdir  # removed by the next run even if a cancel lands after generate() returns
         try:
             result = self.pipe.generate(request, workdir / "output.mp4", callback=on_progress, show_progress=True)
         except BaseException:
             # Failure or cancellation (CancelationException is a BaseException): nothing of this run stays.
-            shutil.rmtree(workdir, ignore_errors=True)
+            self._cleanup_previous()
             raise
-        self._last_workdir = workdir
         if max_duration is None and result.audio_duration > result.duration + 0.04:
             print(f"note: the audio is {result.audio_duration:.1f} s; the video stops at {result.duration:.1f} s "
                   f"(limit {MAX_VIDEO_SECONDS:g} s per prediction)", flush=True)
