@@ -21,7 +21,7 @@ from cog import BaseRunner, Input, Path
 
 from infinitetalk.download import default_weights_dir, ensure_weights
 from infinitetalk.errors import InputError
-from infinitetalk.pipeline import GenerationRequest, InfiniteTalkPipeline, ProgressEvent
+from infinitetalk.pipeline import GenerationRequest, InfiniteTalkPipeline, ProgressEvent, options_from_env
 
 # `cog build` reads the inputs with a static parser: it resolves only literals and module-level
 # literal assignments, and silently drops anything else (an imported default would make the input
@@ -73,7 +73,7 @@ class Predictor(BaseRunner):
         t0 = time.perf_counter()
         weights = ensure_weights(default_weights_dir(), log=print)
         t_fetch = time.perf_counter() - t0
-        self.pipe = InfiniteTalkPipeline.from_pretrained(weights)
+        self.pipe = InfiniteTalkPipeline.from_pretrained(weights, **options_from_env())
         timings = getattr(self.pipe, "load_timings", {})
         print(f"setup: loaded InfiniteTalk from {weights} on {self.pipe.device} ({self.pipe.dtype}) in "
               f"{time.perf_counter() - t0:.1f}s (weights check/download {t_fetch:.1f}s; "
@@ -139,13 +139,26 @@ class Predictor(BaseRunner):
             default=None, ge=0.04, le=600.0,
             description="Longest video in seconds; empty: the whole audio (at most 600 s).",
         ),
-        steps: int = Input(default=40, ge=1, le=100, description="Denoising steps per 81-frame chunk."),
-        text_guidance: float = Input(default=5.0, ge=0.0, le=20.0, description="Prompt guidance scale."),
-        audio_guidance: float = Input(default=4.0, ge=0.0, le=20.0,
-                                      description="Audio guidance scale (lip-sync strength)."),
+        turbo: bool = Input(
+            default=False,
+            description="Turbo: the lightx2v step/CFG-distilled LoRA, 4 steps x 2 forwards instead of 40 x 3 "
+            "(about 14x faster, slightly less motion detail). Sets the defaults of steps, guidance and shift.",
+        ),
+        steps: Optional[int] = Input(
+            default=None, ge=1, le=100,
+            description="Denoising steps per 81-frame chunk; empty: 40 (turbo: 4).",
+        ),
+        text_guidance: Optional[float] = Input(
+            default=None, ge=0.0, le=20.0,
+            description="Prompt guidance scale; empty: 5 (turbo: 1). At 1 each step needs 2 forwards instead of 3.",
+        ),
+        audio_guidance: Optional[float] = Input(
+            default=None, ge=0.0, le=20.0,
+            description="Audio guidance scale (lip-sync strength); empty: 4 (turbo: 2).",
+        ),
         shift: Optional[float] = Input(
             default=None, ge=0.1, le=50.0,
-            description="Noise schedule shift; empty: 7 at 480p, 11 at 720p.",
+            description="Noise schedule shift; empty: 7 at 480p, 11 at 720p (turbo: 2).",
         ),
         seed: Optional[int] = Input(
             default=None, ge=0, le=4294967295,
@@ -180,7 +193,7 @@ class Predictor(BaseRunner):
             resolution=resolution, width=width, height=height,
             max_duration=min(max_duration, MAX_VIDEO_SECONDS) if max_duration is not None else MAX_VIDEO_SECONDS,
             steps=steps, text_guidance=text_guidance, audio_guidance=audio_guidance, shift=shift, seed=int(seed),
-            color_correction=color_correction, apg=apg, crf=quality_to_crf(quality),
+            color_correction=color_correction, apg=apg, crf=quality_to_crf(quality), turbo=bool(turbo),
         )
         request.validate()
 

@@ -45,6 +45,13 @@ WAV2VEC_FILES = ("config.json", "preprocessor_config.json", "model.safetensors")
 
 PREPARED_DIR = "prepared/transformer-single"
 
+#: The step/CFG-distilled LoRA the official README uses for 4-step inference (turbo mode). Optional:
+#: fetched by scripts/download_weights.py (unless --no-turbo), never required by setup().
+TURBO_REPO = "Kijai/WanVideo_comfy"
+TURBO_REVISION = os.environ.get("INFINITETALK_TURBO_REVISION", "main")
+TURBO_DIR = "lightx2v"
+TURBO_FILE = "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors"
+
 
 class WeightsDownloadError(RuntimeError):
     """The weights are missing and could not be fetched; the message is one line for the user."""
@@ -110,8 +117,11 @@ def _component_complete(base: Path, name: str) -> bool:
     return _nonempty_dir(folder)
 
 
-def plan_weights(dest: str | Path) -> WeightsPlan:
-    """The downloads ``dest`` still needs, decided from local files only (no network)."""
+def plan_weights(dest: str | Path, turbo: bool = False) -> WeightsPlan:
+    """The downloads ``dest`` still needs, decided from local files only (no network).
+
+    ``turbo`` adds the optional distilled LoRA of the turbo mode.
+    """
     dest = Path(dest)
     plan = WeightsPlan(dest)
     base = dest / WAN_DIR
@@ -137,6 +147,9 @@ def plan_weights(dest: str | Path) -> WeightsPlan:
     if w_files:
         plan.items.append(DownloadItem(WAV2VEC_REPO, WAV2VEC_REVISION, dest / WAV2VEC_DIR, files=tuple(w_files),
                                        fallback_revision=WAV2VEC_FALLBACK_REVISION, what="wav2vec2 audio encoder"))
+    if turbo and not (dest / TURBO_DIR / TURBO_FILE).is_file():
+        plan.items.append(DownloadItem(TURBO_REPO, TURBO_REVISION, dest / TURBO_DIR, files=(TURBO_FILE,),
+                                       what="lightx2v distilled LoRA (turbo mode)"))
     return plan
 
 
@@ -196,7 +209,8 @@ def _fetch_item(item: DownloadItem, hf_hub_download: Callable, snapshot_download
 
 
 def ensure_weights(dest: str | Path | None = None, *, log: Callable[[str], None] | None = None,
-                   hf_hub_download: Callable | None = None, snapshot_download: Callable | None = None) -> Path:
+                   hf_hub_download: Callable | None = None, snapshot_download: Callable | None = None,
+                   turbo: bool = False) -> Path:
     """Make ``dest`` a complete weights folder and return it.
 
     Nothing is fetched when the folder is complete (local check only). Otherwise only the
@@ -206,7 +220,7 @@ def ensure_weights(dest: str | Path | None = None, *, log: Callable[[str], None]
     """
     dest = Path(dest if dest is not None else default_weights_dir())
     say = log or logger.info
-    plan = plan_weights(dest)
+    plan = plan_weights(dest, turbo)
     if plan.complete:
         return dest
     if hf_hub_download is None or snapshot_download is None:
@@ -235,7 +249,7 @@ def ensure_weights(dest: str | Path | None = None, *, log: Callable[[str], None]
         raise WeightsDownloadError(
             f"could not fetch weights into {dest}: " + "; ".join(failed)
             + ". Check the network and HF_TOKEN, or put the files there by hand (see weights/README.md).")
-    still = plan_weights(dest)
+    still = plan_weights(dest, turbo)
     if not still.complete:
         raise WeightsDownloadError(
             f"weights in {dest} are still incomplete after downloading: "

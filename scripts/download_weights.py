@@ -3,7 +3,7 @@
 
 Usage::
 
-    python scripts/download_weights.py [--dest weights] [--prepare]
+    python scripts/download_weights.py [--dest weights] [--prepare] [--no-turbo]
 
 Only the needed files are fetched, at pinned revisions, with resume and progress bars
 (huggingface_hub). A complete folder is left alone without touching the network.
@@ -31,11 +31,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="weights folder (default: $INFINITETALK_WEIGHTS, else weights/ in the repo)")
     parser.add_argument("--prepare", action="store_true",
                         help="also write prepared/transformer-single (bf16 merged transformer) for fast setup")
+    parser.add_argument("--no-turbo", action="store_true",
+                        help="skip the lightx2v distilled LoRA (about 0.7 GB) that the turbo mode needs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dest = args.dest or default_weights_dir()
     try:
-        ensure_weights(dest, log=print)
+        ensure_weights(dest, log=print, turbo=not args.no_turbo)
         if args.prepare:
             prepare_transformer(dest, log=print)
     except WeightsDownloadError as exc:

@@ -100,14 +100,21 @@ def test_inputs_are_documented_with_defaults_and_ranges():
     params = inspect.signature(predict.Predictor.run).parameters
     expected = {"image", "audio", "audio_2", "audio_mode", "box_1", "box_2", "prompt", "negative_prompt",
                 "resolution", "width", "height", "max_duration", "steps", "text_guidance", "audio_guidance",
-                "shift", "seed", "color_correction", "apg", "quality"}
+                "shift", "seed", "color_correction", "apg", "quality", "turbo"}
     assert set(params) - {"self"} == expected
     for name in expected:
         field = params[name].default
         assert isinstance(field, cog.FieldInfo) and field.description, name
     d = run_defaults()
-    assert (d["steps"], d["text_guidance"], d["audio_guidance"], d["resolution"], d["audio_mode"]) == (
-        40, 5.0, 4.0, "480p", "para")
+    # Empty steps/guidance/shift take the mode's official defaults (exact 40/5/4, turbo 4/1/2).
+    assert (d["steps"], d["text_guidance"], d["audio_guidance"], d["turbo"], d["resolution"], d["audio_mode"]) == (
+        None, None, None, False, "480p", "para")
+    from infinitetalk.pipeline import GenerationRequest
+
+    exact = GenerationRequest(image="x", audio="y").resolved()
+    turbo = GenerationRequest(image="x", audio="y", turbo=True).resolved()
+    assert (exact.steps, exact.text_guidance, exact.audio_guidance, exact.shift) == (40, 5.0, 4.0, 7.0)
+    assert (turbo.steps, turbo.text_guidance, turbo.audio_guidance, turbo.shift) == (4, 1.0, 2.0, 2.0)
     assert d["seed"] is None and d["audio_2"] is None and d["width"] is None
     assert predict.quality_to_crf(d["quality"]) == 16
     # Literals in the Input() calls (for cog build's static parser) agree with the code's constants.
