@@ -553,6 +553,27 @@ def apply_memory_mode(transformer, mode: str, device: torch.device, dtype: torch
         raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}")
 
 
+def quantize_fp8(transformer) -> int:
+    """FP8 compute for the blocks' linear layers (torchao): e4m3 weights with per-row scales and
+    dynamically quantised activations, so the GEMMs run on Hopper's FP8 tensor cores.  Embeddings,
+    the audio projection and the output head stay bf16.  Returns the number of layers converted."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError as exc:  # optional GPU dependency
+        raise RuntimeError("fp8 compute needs torchao (pip install torchao)") from exc
+    count = 0
+
+    def blocks_linear(module, fqn: str) -> bool:
+        nonlocal count
+        ok = isinstance(module, torch.nn.Linear) and fqn.startswith("blocks.") and module.in_features % 16 == 0 \
+            and module.out_features % 16 == 0
+        count += ok
+        return ok
+
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=blocks_linear)
+    return count
+
+
 def options_from_env() -> dict:
     """Server-level switches from the environment (set in cog.yaml or the deployment).
 

@@ -201,6 +201,12 @@ def make_guided_denoiser(
     Pass a fresh ``apg`` state per chunk.
     """
     branches = guidance_branches(text_scale)
+    if apg is None and not uses_text_guidance(text_scale) and math.isclose(audio_scale, 1.0):
+        # drop_audio + 1 * (cond - drop_audio) == cond: the unguided forward would be wasted.
+        def denoise_cond_only(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return model(x, t, "cond")
+
+        return denoise_cond_only
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         preds = {name: model(x, t, name) for name in branches}

@@ -34,6 +34,8 @@ MODES = {
     # name: (steps measured, steps reported, text guidance, audio guidance, shift)
     "exact": (3, 40, 5.0, 4.0, None),
     "turbo": (4, 4, 1.0, 2.0, 2.0),
+    # turbo without audio guidance: text and audio scales of 1 need one forward per step
+    "turbo-1nfe": (4, 4, 1.0, 1.0, 2.0),
 }
 
 
@@ -160,7 +162,7 @@ def bench_chunk(args) -> list[dict]:
             per_step = sampling / steps
             overhead = chunk - sampling
             chunk_reported = overhead + per_step * steps_reported
-            nfe = 3 if tg != 1.0 else 2
+            nfe = 3 if tg != 1.0 else (2 if ag != 1.0 else 1)
             fl = forward_flops(FULL_CONFIG, h, w)
             rec = dict(
                 env, mode=mode, resolution=res, width=w, height=h, speakers=1, steps=steps_reported,

@@ -139,6 +139,10 @@ def apply_variant(model, variant: str) -> None:
         from infinitetalk.pipeline import compile_transformer
 
         compile_transformer(model)
+    elif variant == "fp8-torchao":
+        from infinitetalk.pipeline import quantize_fp8
+
+        print(f"fp8 (torchao) on {quantize_fp8(model)} linear layers", flush=True)
     elif variant == "fp8-storage":
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     elif variant != "eager":

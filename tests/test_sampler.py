@@ -173,3 +173,23 @@ def test_deterministic():
     a = sample_euler(den(), x, ts, motion_latents=motion)
     b = sample_euler(den(), x, ts, motion_latents=motion)
     assert torch.equal(a, b)
+
+
+def test_unit_guidance_runs_one_forward_per_step():
+    """Text and audio scales of 1 (no APG) need only the conditional branch: the result is exact."""
+    import torch
+
+    from infinitetalk.sampler import make_guided_denoiser
+
+    calls = []
+
+    def model(x, t, branch):
+        calls.append(branch)
+        return x * (2.0 if branch == "cond" else -3.0)
+
+    x = torch.randn(2, 3)
+    out = make_guided_denoiser(model, 1.0, 1.0)(x, torch.tensor([500.0]))
+    assert calls == ["cond"] and torch.equal(out, x * 2.0)
+    calls.clear()
+    out = make_guided_denoiser(model, 1.0, 2.0)(x, torch.tensor([500.0]))
+    assert calls == ["cond", "drop_audio"] and torch.allclose(out, -3 * x + 2 * (2 * x + 3 * x))
