@@ -33,6 +33,7 @@ IMPORT_TO_DIST = {
     "torch": "torch",
     "sentencepiece": "sentencepiece",
     "tokenizers": "tokenizers",
+    "torchao": "torchao",
 }
 LOCAL_PACKAGES = {"infinitetalk"}
 #: CUDA versions cog's compatibility matrix lists for the torch pin.
