@@ -21,6 +21,7 @@ from cog import BaseRunner, Input, Path
 
 from infinitetalk.download import default_weights_dir, ensure_weights
 from infinitetalk.errors import InputError
+from infinitetalk.inputs import name_inputs
 from infinitetalk.pipeline import GenerationRequest, InfiniteTalkPipeline, ProgressEvent, options_from_env
 
 # `cog build` reads the inputs with a static parser: it resolves only literals and module-level
@@ -88,17 +89,21 @@ class Predictor(BaseRunner):
         self,
         image: Path = Input(
             description="Reference: a portrait image (PNG, JPEG, WebP, ...) or a video to dub (MP4, MOV, WebM, ...). "
-            "A video is followed frame by frame; an image is animated.",
+            "A video is followed frame by frame; an image is animated. Limits: at most 67108864 pixels "
+            "(8192x8192) and at least 64 pixels a side; animated images use their first frame; a video at most "
+            "3600 s.",
             accept="image/*,video/*",
         ),
         audio: Path = Input(
             description="Speech of speaker 1 (WAV, MP3, M4A, FLAC, OGG, or a video with sound). "
-            "The video is as long as the audio (see max_duration).",
+            "The video is as long as the audio (see max_duration; at most 600 s). Any sample rate and channel "
+            "count, silence included; at least 40 ms; NaN/infinite samples are rejected.",
             accept="audio/*,video/*",
         ),
         audio_2: Optional[Path] = Input(
             default=None,
-            description="Optional speech of speaker 2: makes a two-person conversation with the multi-speaker weights.",
+            description="Optional speech of speaker 2: makes a two-person conversation with the multi-speaker weights. "
+            "Same formats and limits as audio.",
             accept="audio/*,video/*",
         ),
         audio_mode: str = Input(
@@ -110,13 +115,15 @@ class Predictor(BaseRunner):
         box_1: Optional[str] = Input(
             default=None,
             description="Two speakers only: region of speaker 1 as 'top,left,bottom,right' in pixels of the image "
-            "(e.g. '40,10,300,250'). Give box_1 and box_2 together; empty: left and right halves.",
+            "(e.g. '40,10,300,250'), inside the image. Give box_1 and box_2 together; empty: left and right halves.",
         ),
         box_2: Optional[str] = Input(
             default=None,
-            description="Two speakers only: region of speaker 2 as 'top,left,bottom,right' in pixels of the image.",
+            description="Two speakers only: region of speaker 2 as 'top,left,bottom,right' in pixels of the image, "
+            "inside the image.",
         ),
-        prompt: str = Input(default=DEFAULT_PROMPT, description="What the video shows (scene, person, motion)."),
+        prompt: str = Input(default=DEFAULT_PROMPT, description="What the video shows (scene, person, motion). "
+                         "Longer than 512 tokens: truncated (noted in the logs)."),
         negative_prompt: Optional[str] = Input(
             default=None,
             description="What to avoid. Empty: the official Wan negative prompt.",
@@ -215,6 +222,10 @@ class Predictor(BaseRunner):
         self._last_workdir = workdir  # removed by the next run even if a cancel lands after generate() returns
         try:
             result = self.pipe.generate(request, workdir / "output.mp4", callback=on_progress, show_progress=True)
+        except InputError as exc:
+            # The inputs are cog's temporary files (tmpab12cd34file.png): name the input, not the file.
+            self._cleanup_previous()
+            raise InputError(name_inputs(str(exc), {"image": image, "audio": audio, "audio_2": audio_2})) from None
         except BaseException:
             # Failure or cancellation (CancelationException is a BaseException): nothing of this run stays.
             self._cleanup_previous()

@@ -1,0 +1,99 @@
+"""Reading one request's input files with the limits of the API.
+
+Limits (stated in the predictor's input descriptions):
+
+* image: decodable, at most :data:`media.DEFAULT_MAX_PIXELS` pixels (checked from the header, so
+  decompression bombs fail before any pixel is decoded), at least :data:`media.DEFAULT_MIN_SIDE`
+  pixels a side; animated images use their first frame;
+* video (V2V): a decodable first frame, at least the same minimum side, at most
+  :data:`MAX_VIDEO_SECONDS` long;
+* audio: an audio stream with finite samples (NaN/inf rejected), at least one video frame (40 ms)
+  long; any channel count and sample rate; silence is accepted;
+* two-speaker boxes: inside the reference image.
+
+Messages of the media/audio readers name the *file* (what a command-line user wants). Cog hands
+the predictor temporary files with generated names (``tmpabc123file.png``), so the predictor
+rewrites them with :func:`name_inputs` into ``the image input ...`` / ``the audio_2 input ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from . import audio as audio_lib
+from . import media
+from .errors import InputError
+
+#: Longest accepted reference video (V2V), in seconds.
+MAX_VIDEO_SECONDS = 3600.0
+
+
+def name_inputs(message: str, paths: Mapping[str, str | os.PathLike | None]) -> str:
+    """``message`` with each input's file name replaced by ``the <input> input``.
+
+    ``{"image": "/tmp/tmpab12file.png"}``: ``"image 'tmpab12file.png' is empty"`` -> ``"the image
+    input is empty"``; ``"cannot read tmpab12file.png as a media file"`` -> ``"cannot read the image
+    input as a media file"``.
+    """
+    for label, path in paths.items():
+        if path is None:
+            continue
+        full = os.fspath(path)
+        name = os.path.basename(full) or full
+        forms = [f"'{re.escape(full)}'", re.escape(full), f"'{re.escape(name)}'", f'"{re.escape(name)}"']
+        if not re.fullmatch(r"[A-Za-z_]+", name):  # a bare word ("image") could be any word of the message
+            forms.append(rf"(?<![\w.]){re.escape(name)}(?![\w.])")
+        pattern = rf"(?:\b(?:input file|image|video|audio file|file) )?(?:{'|'.join(forms)})"
+        message = re.sub(pattern, f"the {label} input", message)  # one pass: replaced text is not rescanned
+    return message
+
+
+def load_reference(path: str | os.PathLike, label: str = "image"):
+    """The reference picture: ``(info, reader or None, first frame as an RGB PIL image)``.
+
+    For a video the reader's decoder is stopped again after the first frame (it restarts with a
+    seek when a later chunk needs a frame), so a failure before generation leaves no ffmpeg behind.
+    """
+    info = media.probe(path)
+    if info.kind == "audio" or not info.has_video:
+        raise InputError(f"the {label} input has no picture: give an image or a video file")
+    if info.kind != "video":
+        return info, None, media.load_image(path)
+    if min(info.width or 0, info.height or 0) < media.DEFAULT_MIN_SIDE:
+        raise InputError(f"the {label} input is a video of {info.width}x{info.height}; "
+                         f"the minimum side is {media.DEFAULT_MIN_SIDE} pixels")
+    if info.duration is not None and info.duration > MAX_VIDEO_SECONDS:
+        raise InputError(f"the {label} input is a video of {info.duration:.1f} s; "
+                         f"the maximum is {MAX_VIDEO_SECONDS:g} s")
+    reader = media.VideoFrameReader(path, info)
+    try:
+        first = reader.first_frame()
+    finally:
+        reader.close()
+    return info, reader, first
+
+
+def load_audio(path: str | os.PathLike, label: str = "audio") -> np.ndarray:
+    """Speech as 16 kHz mono float32, loudness-normalised (:func:`audio.load_speech`), at least one frame long."""
+    wav = audio_lib.load_speech(path)
+    if audio_lib.num_video_frames(len(wav)) < 1:
+        raise InputError(f"the {label} input is {len(wav) / audio_lib.SAMPLE_RATE * 1000:.0f} ms long; "
+                         "the minimum is one video frame (40 ms)")
+    return wav
+
+
+def check_boxes(bboxes: Sequence[Sequence[float]] | None, width: int, height: int) -> None:
+    """Each ``[top, left, bottom, right]`` box must lie inside the ``width`` x ``height`` reference."""
+    for i, box in enumerate(bboxes or (), start=1):
+        top, left, bottom, right = (float(v) for v in box)
+        if min(top, left) < 0 or bottom > height or right > width or bottom <= top or right <= left:
+            shown = ",".join(f"{v:g}" for v in box)
+            raise InputError(f"box_{i} '{shown}' is not inside the {width}x{height} image: need "
+                             f"0 <= top < bottom <= {height} and 0 <= left < right <= {width}")
+
+
+__all__ = ["MAX_VIDEO_SECONDS", "check_boxes", "load_audio", "load_reference", "name_inputs"]
