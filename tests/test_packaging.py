@@ -34,6 +34,9 @@ IMPORT_TO_DIST = {
     "sentencepiece": "sentencepiece",
     "tokenizers": "tokenizers",
     "torchao": "torchao",
+    "runpod": "runpod",
+    "boto3": "boto3",
+    "botocore": "botocore",
 }
 LOCAL_PACKAGES = {"infinitetalk"}
 #: CUDA versions cog's compatibility matrix lists for the torch pin.
