@@ -51,7 +51,7 @@ def _listing() -> set[str]:
 
 
 def _tiny(**overrides) -> dict:
-    return args(steps=1, **overrides)
+    return args(**{"steps": 1, **overrides})
 
 
 def check_video(out: Path, audio_path: Path, max_duration: float | None = None) -> None:
