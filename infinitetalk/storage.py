@@ -111,8 +111,9 @@ class StorageConfig:
                                          f"(or unset the storage variables)")
             return None
         if "/" in bucket or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]", bucket):
+            hint = f"; put a key prefix in {ENV_PREFIX}" if "/" in bucket else ""
             raise StorageConfigError(f"{ENV_BUCKET} must be a bucket name (3-255 letters, digits, '.', '-', '_'), "
-                                     f"got {bucket!r}; put a key prefix in {ENV_PREFIX}")
+                                     f"got {bucket!r}{hint}")
         prefix = env.get(ENV_PREFIX, DEFAULT_PREFIX).strip().lstrip("/")
         if prefix and not prefix.endswith("/"):
             prefix += "/"
