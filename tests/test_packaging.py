@@ -39,6 +39,9 @@ IMPORT_TO_DIST = {
     "botocore": "botocore",
 }
 LOCAL_PACKAGES = {"infinitetalk"}
+#: Pinned for the GPU image only: the CUDA torch, and torchao (FP8 GEMMs on Hopper, imported only by
+#: the fp8 memory mode on CUDA; on the CPU build it cannot load its kernels and only adds warnings).
+GPU_ONLY = {"torch", "torchao"}
 #: CUDA versions cog's compatibility matrix lists for the torch pin.
 TORCH_CUDA = {"2.11.0": {"12.6", "12.8", "12.9", "13.0"}}
 
@@ -132,7 +135,7 @@ def test_requirement_files_agree():
     assert "torch" not in cpu, "requirements.txt is torch-free (CI installs the CPU wheel itself)"
     assert "torch" in gpu and "cog" not in gpu and "coglet" not in gpu
     expected = {k: v for k, v in cpu.items() if k != "cog"}
-    assert {k: v for k, v in gpu.items() if k != "torch"} == expected
+    assert {k: v for k, v in gpu.items() if k not in GPU_ONLY} == expected
 
 
 def test_every_import_is_pinned():
@@ -143,7 +146,7 @@ def test_every_import_is_pinned():
     assert not unknown, f"imports with no known distribution (add to IMPORT_TO_DIST and the requirements): {unknown}"
     for module, files in imports.items():
         dist = _norm(IMPORT_TO_DIST[module])
-        if dist == "torch":
+        if dist in GPU_ONLY:
             assert dist in gpu, files
         elif dist == "cog":
             assert dist in cpu, files  # the GPU image gets it from build.sdk_version
