@@ -564,7 +564,7 @@ def apply_memory_mode(transformer, mode: str, device: torch.device, dtype: torch
 def quantize_fp8(transformer) -> int:
     """FP8 compute for the blocks' linear layers (torchao): e4m3 weights with per-row scales and
     dynamically quantised activations, so the GEMMs run on Hopper's FP8 tensor cores.  Embeddings,
-    the audio projection and the output head stay bf16.  Returns the number of layers converted."""
+    the audio modules and the output head stay bf16.  Returns the number of layers converted."""
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
     except ImportError as exc:  # optional GPU dependency
@@ -573,8 +573,10 @@ def quantize_fp8(transformer) -> int:
 
     def blocks_linear(module, fqn: str) -> bool:
         nonlocal count
-        ok = isinstance(module, torch.nn.Linear) and fqn.startswith("blocks.") and module.in_features % 16 == 0 \
-            and module.out_features % 16 == 0
+        # The audio attention stays bf16: its weights are swapped in place between the single and
+        # multi checkpoints, which a quantised tensor cannot take.
+        ok = isinstance(module, torch.nn.Linear) and fqn.startswith("blocks.") and ".audio_attn." not in fqn \
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0
         count += ok
         return ok
 
