@@ -98,6 +98,10 @@ class WorkerSettings:
 # ----------------------------------------------------------------------------------------------
 
 
+def _size(n: int) -> str:
+    return f"{n / MB:g} MB" if n >= MB else f"{n} bytes"
+
+
 def _shown(value: str, limit: int = 80) -> str:
     return repr(value if len(value) <= limit else value[:limit] + "...")
 
@@ -115,13 +119,13 @@ def decode_data_url(name: str, url: str, max_bytes: int) -> bytes:
     is_base64 = head.lower().endswith(";base64")
     estimate = len(payload) * 3 // 4 if is_base64 else len(payload)
     if estimate > max_bytes:
-        raise InputError(f"the {name} input is larger than the limit of {max_bytes / MB:g} MB")
+        raise InputError(f"the {name} input is larger than the limit of {_size(max_bytes)}")
     try:
         data = base64.b64decode(payload, validate=True) if is_base64 else unquote_to_bytes(payload)
     except (binascii.Error, ValueError):
         raise InputError(f"the {name} input is not valid base64 in its data URL") from None
     if len(data) > max_bytes:
-        raise InputError(f"the {name} input is larger than the limit of {max_bytes / MB:g} MB")
+        raise InputError(f"the {name} input is larger than the limit of {_size(max_bytes)}")
     return data
 
 
@@ -167,7 +171,7 @@ def fetch_input(name: str, value: Any, dest_dir: str | os.PathLike, *, max_bytes
     except SSRFError as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else "blocked"
         if "size cap" in reason:
-            raise InputError(f"the {name} input is larger than the limit of {max_bytes / MB:g} MB") from None
+            raise InputError(f"the {name} input is larger than the limit of {_size(max_bytes)}") from None
         if "could not resolve" in reason or "no addresses" in reason:
             raise InputError(f"could not download the {name} input: {reason}") from None
         raise InputError(f"the {name} input URL is not allowed ({reason})") from None
@@ -278,7 +282,7 @@ class RunPodWorker:
             out.update(video_url="data:video/mp4;base64," + base64.b64encode(result.path.read_bytes()).decode(),
                        storage="inline", bytes=size)
         else:
-            raise StorageError(f"the video is {size / MB:.1f} MB, more than the {settings.inline_max_bytes / MB:g} MB "
+            raise StorageError(f"the video is {_size(size)}, more than the {_size(settings.inline_max_bytes)} "
                                "that can be returned inline: configure an output bucket (INFINITETALK_OUTPUT_BUCKET)")
         out["seconds"] = round(time.perf_counter() - t0, 2)
         return out
