@@ -9,7 +9,6 @@ run() returns) and, when a bucket is configured, also uploads the MP4 and logs i
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from cog import BaseRunner, Input, Path
@@ -145,7 +144,7 @@ class Predictor(BaseRunner):
         job = service.run_job(self.pipe, inputs, workdir, on_metric=lambda k, v: self.record_metric(k, v))
         if self.storage is not None:
             # Cog's output type stays a file (Replicate uploads it); the bucket URL goes to the logs and metrics.
-            upload = self.storage.upload(job.path, job_id=os.environ.get("COG_PREDICTION_ID") or "cog")
+            upload = self.storage.upload(job.path)  # key: <prefix><random id>/<sha256[:16]>.mp4
             self.record_metric("output_url", upload.url)
             print(f"output_url: {upload.url}", flush=True)
         return Path(job.path)

@@ -413,3 +413,30 @@ def test_fetch_input_schemes_limits_and_private_addresses(files, tmp_path, monke
         fetch("audio", "data:audio/wav;base64,@@@@")
     with pytest.raises(InputError, match="could not download the audio input from 127.0.0.1"):
         fetch("audio", f"http://127.0.0.1:{_free_port()}/x.wav")  # nothing listens there
+
+
+def test_cog_predictor_uploads_to_the_bucket_too_and_still_returns_the_file(pipe, portrait, make_speech,
+                                                                           s3_server, capsys):
+    """The self-hosted Cog option: same upload path; the output stays a file, the URL goes to logs and metrics."""
+    cog = pytest.importorskip("cog")
+    import predict
+    from test_predict import args
+
+    from infinitetalk.storage import storage_from_env
+
+    p = predict.Predictor()
+    p.pipe, p.storage, p._last_workdir = pipe, storage_from_env(s3_server.env()), None
+    metrics: dict = {}
+    p.record_metric = lambda key, value, mode="replace": metrics.__setitem__(key, value)
+    try:
+        out = p.run(**args(image=cog.Path(portrait), audio=cog.Path(make_speech(1.2, "rp_speech")), steps=1))
+        assert isinstance(out, Path) and out.is_file()
+        url = metrics["output_url"]
+        assert f"output_url: {url}" in capsys.readouterr().out
+        key = url.split(f"/{s3_server.bucket}/", 1)[1].split("?", 1)[0]
+        assert key.startswith("infinitetalk/") and key in s3_server.keys()
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            assert resp.read() == out.read_bytes()
+        assert metrics["video_seconds"] == pytest.approx(1.2)
+    finally:
+        p._cleanup_previous()
