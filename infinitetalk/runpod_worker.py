@@ -310,6 +310,9 @@ def boot(env: Mapping[str, str] | None = None, *, load=None) -> RunPodWorker:
 def main() -> None:
     """Entry point: boot, then hand the handler to ``runpod.serverless.start`` (which reads its own
     ``--rp_*`` arguments from the command line)."""
+    # The SDK logs at DEBUG by default, which prints every job's whole output (an inline video is
+    # megabytes of base64; a presigned URL is a bearer credential). RUNPOD_LOG_LEVEL overrides this.
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     import runpod
 
     from .download import WeightsDownloadError

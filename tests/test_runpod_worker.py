@@ -440,3 +440,31 @@ def test_cog_predictor_uploads_to_the_bucket_too_and_still_returns_the_file(pipe
         assert metrics["video_seconds"] == pytest.approx(1.2)
     finally:
         p._cleanup_previous()
+
+
+def test_progress_goes_to_the_sdk_on_runpod_and_to_the_log_elsewhere(monkeypatch, capsys):
+    import runpod
+
+    from infinitetalk import runpod_worker
+
+    sent = []
+    monkeypatch.setattr(runpod.serverless, "progress_update", lambda job, progress: sent.append((job["id"], progress)))
+    monkeypatch.delenv("RUNPOD_WEBHOOK_POST_OUTPUT", raising=False)
+    runpod_worker._runpod_progress({"id": "j1"}, {"chunks_done": 1})
+    assert sent == [] and "progress: {'chunks_done': 1}" in capsys.readouterr().out
+    monkeypatch.setenv("RUNPOD_WEBHOOK_POST_OUTPUT", "https://api.runpod.ai/v2/x/job-done/$ID?gpu=1")
+    runpod_worker._runpod_progress({"id": "j1"}, {"chunks_done": 2})
+    assert sent == [("j1", {"chunks_done": 2})]
+
+
+def test_worker_settings_from_the_environment():
+    from infinitetalk.runpod_worker import MB, WorkerConfigError, WorkerSettings
+
+    s = WorkerSettings.from_env({})
+    assert (s.input_max_bytes, s.input_timeout_s, s.inline_max_bytes) == (1024 * MB, 300.0, 10 * MB)
+    s = WorkerSettings.from_env({"INFINITETALK_INLINE_MAX_MB": "0", "INFINITETALK_INPUT_TIMEOUT_S": "20"})
+    assert s.inline_max_bytes == 0 and s.input_timeout_s == 20.0
+    with pytest.raises(WorkerConfigError, match="INFINITETALK_INLINE_MAX_MB must be a number, got 'ten'"):
+        WorkerSettings.from_env({"INFINITETALK_INLINE_MAX_MB": "ten"})
+    with pytest.raises(WorkerConfigError, match="INFINITETALK_INPUT_MAX_MB must be between 1 and"):
+        WorkerSettings.from_env({"INFINITETALK_INPUT_MAX_MB": "0"})
