@@ -49,7 +49,7 @@ def main(argv=None) -> int:
             results.extend(fn(golden))
     for r in results:
         print(r.line(), flush=True)
-    if not results:
+    if not [r for r in results if not r.name.endswith(".skipped")]:
         print("error: no golden case found in", golden, file=sys.stderr)
         return 1
     failed = [r for r in results if not r.passed]
