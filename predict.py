@@ -130,6 +130,12 @@ class Predictor(BaseRunner):
             description="How strongly each chunk's colours are matched to the reference (0: off).",
         ),
         apg: bool = Input(default=False, description="Adaptive projected guidance: fewer artefacts at high guidance."),
+        step_cache: float = Input(
+            default=0.0, ge=0.0, le=1.0,
+            description="Step cache threshold (TeaCache rule, per guidance branch): skip the transformer on steps "
+            "whose conditioning barely changed. 0 = off (exact); 0.2-0.5 is faster and approximate. "
+            "Useful with 40 steps, little with turbo's 4.",
+        ),
         quality: int = Input(
             default=8, ge=1, le=10,
             description="Output video quality 1-10, higher is better and bigger: H.264 CRF = 40 - 3 x quality "

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-duration", type=float, default=None, help="cap the output length in seconds")
     ap.add_argument("--color-correction", type=float, default=1.0, help="0..1 colour match to the reference")
     ap.add_argument("--apg", action="store_true", help="adaptive projected guidance instead of plain CFG")
+    ap.add_argument("--step-cache", type=float, default=0.0,
+                    help="step cache threshold (TeaCache rule per guidance branch); 0 = off (default)")
     ap.add_argument("--prompt", default=None, help="text prompt")
     ap.add_argument("--negative-prompt", default=None, help="negative prompt (default: the official one)")
     ap.add_argument("--crf", type=int, default=18, help="H.264 CRF, 0-51, lower is better (default 18)")
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         resolution=args.resolution, width=args.width, height=args.height, max_duration=args.max_duration,
         steps=args.steps, text_guidance=args.text_guidance, audio_guidance=args.audio_guidance, shift=args.shift,
         seed=args.seed, color_correction=args.color_correction, apg=args.apg, crf=args.crf, turbo=args.turbo,
+        step_cache=args.step_cache,
     )
     try:
         request.validate()

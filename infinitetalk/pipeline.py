@@ -45,6 +45,7 @@ from .conditioning import (
 )
 from .errors import GenerationCancelled, InputError
 from .sampler import APGState, get_timesteps, make_guided_denoiser, sample_euler
+from .step_cache import StepCache
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ class GenerationRequest:
     apg: bool = False
     crf: int = 18
     turbo: bool = False  # distilled LoRA mode: needs a pipeline loaded with the LoRA
+    step_cache: float = 0.0  # TeaCache-rule threshold (0 = off; 0.2-0.5 trade quality for speed)
 
     def resolved(self) -> GenerationRequest:
         """A copy with the mode's defaults filled in (official values for exact and LoRA modes)."""
@@ -120,7 +122,8 @@ class GenerationRequest:
         need(1 <= int(req.steps) <= 100, f"steps must be between 1 and 100, got {req.steps}")
         for name, v, lo, hi in (("text_guidance", req.text_guidance, 0.0, 20.0),
                                 ("audio_guidance", req.audio_guidance, 0.0, 20.0),
-                                ("color_correction", req.color_correction, 0.0, 1.0)):
+                                ("color_correction", req.color_correction, 0.0, 1.0),
+                                ("step_cache", req.step_cache, 0.0, 5.0)):
             need(math.isfinite(v) and lo <= v <= hi, f"{name} must be between {lo:g} and {hi:g}, got {v}")
         if req.shift is not None:
             need(math.isfinite(req.shift) and 0.1 <= req.shift <= 50, f"shift must be between 0.1 and 50, got {req.shift}")
@@ -468,7 +471,8 @@ class InfiniteTalkPipeline:
                         zero_audio = torch.zeros_like(audio_in[:, -1:])
                     noise = torch.randn(16, (FRAME_NUM - 1) // 4 + 1, lat_h, lat_w, generator=generator)
 
-                    branch = self._branch_fn(y_k, clip_k, prompt, negative, audio_in, zero_audio, ref_masks)
+                    cache = StepCache(req.step_cache, req.resolution) if req.step_cache > 0 else None
+                    branch = self._branch_fn(y_k, clip_k, prompt, negative, audio_in, zero_audio, ref_masks, cache)
                     apg = APGState() if req.apg else None
                     denoise = make_guided_denoiser(branch, req.text_guidance, req.audio_guidance, apg)
                     step_bar = tqdm(total=len(timesteps) - 1, desc=f"chunk {k + 1}/{plan.num_chunks}", unit="step",
@@ -496,6 +500,8 @@ class InfiniteTalkPipeline:
                         writer.write(frames_to_uint8(new[:, :keep]))
                         frames_done += keep
                     chunk_bar.update(1)
+                    if cache is not None:
+                        timings.setdefault("step_cache_skipped", []).append(cache.skipped)
                     t_done = _sync_time(self.device)
                     timings.setdefault("sampling_per_chunk", []).append(t_sampled - t_chunk)
                     timings.setdefault("chunk_seconds", []).append(t_done - t_chunk)
@@ -513,7 +519,7 @@ class InfiniteTalkPipeline:
         return GenerationResult(out_path, seed, frames_done, FPS, width, height, plan.num_chunks,
                                 frames_done / FPS, len(mixed) / audio_lib.SAMPLE_RATE, timings)
 
-    def _branch_fn(self, y, clip_states, prompt, negative, audio_in, zero_audio, ref_masks):
+    def _branch_fn(self, y, clip_states, prompt, negative, audio_in, zero_audio, ref_masks, cache=None):
         """``model(x, t, branch)`` for the guidance helper: runs the DiT on one condition set."""
         texts = {"cond": prompt, "drop_text": negative, "uncond": negative, "drop_audio": prompt}
         audios = {"cond": audio_in, "drop_text": audio_in, "uncond": zero_audio, "drop_audio": zero_audio}
@@ -522,7 +528,8 @@ class InfiniteTalkPipeline:
             latent_in = torch.cat([x.to(self.dtype)[None], y], dim=1)
             aud = audios[branch]
             out = self.transformer(latent_in, t.to(self.device).float(), texts[branch], clip_states, aud,
-                                   ref_target_masks=ref_masks if aud.shape[1] == 2 else None, return_dict=False)[0]
+                                   ref_target_masks=ref_masks if aud.shape[1] == 2 else None, return_dict=False,
+                                   step_cache=cache, cache_branch=branch)[0]
             return out[0].float()
 
         return model

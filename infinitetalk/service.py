@@ -72,6 +72,7 @@ INPUTS: dict[str, InputSpec] = {
     "seed": InputSpec("int", None, 0, MAX_SEED),
     "color_correction": InputSpec("float", 1.0, 0.0, 1.0),
     "apg": InputSpec("bool", False),
+    "step_cache": InputSpec("float", 0.0, 0.0, 1.0),
     "quality": InputSpec("int", 8, 1, 10),
 }
 
@@ -189,7 +190,7 @@ def build_request(inputs: Mapping[str, Any]) -> GenerationRequest:
         max_duration=min(max_duration, MAX_VIDEO_SECONDS) if max_duration is not None else MAX_VIDEO_SECONDS,
         steps=v["steps"], text_guidance=v["text_guidance"], audio_guidance=v["audio_guidance"], shift=v["shift"],
         seed=choose_seed(v["seed"]), color_correction=v["color_correction"], apg=v["apg"],
-        crf=quality_to_crf(v["quality"]), turbo=v["turbo"],
+        crf=quality_to_crf(v["quality"]), turbo=v["turbo"], step_cache=v["step_cache"],
     )
     request.validate()
     return request

@@ -100,7 +100,7 @@ def test_inputs_are_documented_with_defaults_and_ranges():
     params = inspect.signature(predict.Predictor.run).parameters
     expected = {"image", "audio", "audio_2", "audio_mode", "box_1", "box_2", "prompt", "negative_prompt",
                 "resolution", "width", "height", "max_duration", "steps", "text_guidance", "audio_guidance",
-                "shift", "seed", "color_correction", "apg", "quality", "turbo"}
+                "shift", "seed", "color_correction", "apg", "quality", "turbo", "step_cache"}
     assert set(params) - {"self"} == expected
     for name in expected:
         field = params[name].default

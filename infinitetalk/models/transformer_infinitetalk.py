@@ -507,6 +507,8 @@ class InfiniteTalkTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
         ref_target_masks: torch.Tensor | None = None,
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
+        step_cache=None,
+        cache_branch: str | None = None,
     ) -> torch.Tensor | Transformer2DModelOutput:
         """
         Args:
@@ -519,6 +521,9 @@ class InfiniteTalkTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
             audio: ``[B, P, F, W, *feat]`` per-pixel-frame wav2vec2 windows, ``F = 1 + 4 (N_t - 1)``.
             ref_target_masks: ``[3, h, w]`` class masks at latent resolution (person1, person2,
                 background). Used only when ``P == 2`` (label RoPE); ignored for one speaker.
+            step_cache, cache_branch: an :class:`infinitetalk.step_cache.StepCache` and the guidance
+                branch of this call: the block stack may be skipped and the branch's cached residual
+                reused (off when ``None``).
         """
         batch, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
@@ -551,10 +556,16 @@ class InfiniteTalkTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
         elif audio.shape[1] != 1:
             raise ValueError(f"audio has {audio.shape[1]} speakers; 1 or 2 are supported")
 
-        for block in self.blocks:
-            hidden_states = block(
-                hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, audio_tokens, n_t, masks
-            )
+        if step_cache is not None and step_cache.should_skip(cache_branch, timestep_proj):
+            hidden_states = hidden_states + step_cache.residual(cache_branch)
+        else:
+            blocks_in = hidden_states
+            for block in self.blocks:
+                hidden_states = block(
+                    hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, audio_tokens, n_t, masks
+                )
+            if step_cache is not None:
+                step_cache.store(cache_branch, hidden_states - blocks_in)
 
         shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
