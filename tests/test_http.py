@@ -13,7 +13,6 @@ import json
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -28,20 +27,11 @@ import pytest
 pytest.importorskip("cog")
 
 from infinitetalk.media import ffprobe_streams  # noqa: E402
+from loopback import data_url, ffmpeg_descendants, free_port, stop_process_group  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 300.0
 PREDICT_TIMEOUT_S = 300.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _data_url(path: Path, mime: str) -> str:
-    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def _request(method: str, url: str, body: dict | None = None, headers: dict | None = None,
@@ -108,7 +98,7 @@ class WebhookReceiver:
 
 class CogServer:
     def __init__(self, weights: Path, tmpdir: Path, log_path: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tmpdir = tmpdir
         env = dict(os.environ)
@@ -152,28 +142,7 @@ class CogServer:
 
     def stop(self) -> None:
         try:
-            if self.proc.poll() is None:
-                try:
-                    _request("POST", self.url + "/shutdown", timeout=5)
-                except (urllib.error.URLError, OSError):
-                    pass
-                try:
-                    self.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    self.proc.terminate()
-                    try:
-                        self.proc.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        pass
-            # The worker (and any ffmpeg) run in the server's session: make sure none outlives the test.
-            try:
-                os.killpg(self.proc.pid, 9)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+            stop_process_group(self.proc, polite=lambda: _request("POST", self.url + "/shutdown", timeout=5))
         finally:
             self.log.close()
 
@@ -203,9 +172,9 @@ def webhook():
 @pytest.fixture(scope="module")
 def inputs(portrait, make_speech):
     return {
-        "image": _data_url(portrait, "image/png"),
-        "speech": _data_url(make_speech(1.2, "http_speech"), "audio/wav"),
-        "long_speech": _data_url(make_speech(10.0, "http_long"), "audio/wav"),
+        "image": data_url(portrait, "image/png"),
+        "speech": data_url(make_speech(1.2, "http_speech"), "audio/wav"),
+        "long_speech": data_url(make_speech(10.0, "http_long"), "audio/wav"),
     }
 
 
@@ -217,19 +186,6 @@ def _tiny(inputs: dict, **extra) -> dict:
 def _leftovers(tmpdir: Path) -> list[str]:
     return sorted(str(p.relative_to(tmpdir)) for p in tmpdir.rglob("*")
                   if p.name.startswith("infinitetalk-") or p.name.endswith(".partial"))
-
-
-def _ffmpeg_processes(root_pid: int) -> list[int]:
-    import psutil
-
-    out = []
-    for child in psutil.Process(root_pid).children(recursive=True):
-        try:
-            if "ffmpeg" in child.name() and child.status() != psutil.STATUS_ZOMBIE:
-                out.append(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 def test_sync_prediction_returns_the_mp4(server, inputs, tmp_path):
@@ -307,7 +263,7 @@ def test_cancel_mid_denoising_then_next_prediction_succeeds(server, inputs, webh
     while _leftovers(server.tmpdir) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _leftovers(server.tmpdir) == []
-    assert _ffmpeg_processes(server.proc.pid) == []
+    assert ffmpeg_descendants(server.proc.pid) == []
 
     # The server is usable again: an async prediction completes and its webhook says so.
     status, body = _request("POST", server.url + "/predictions",

@@ -20,7 +20,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -43,17 +42,12 @@ from s3_server import s3_server  # noqa: E402,F401  (tests/ is on sys.path for t
 from infinitetalk import service  # noqa: E402
 from infinitetalk.errors import InputError  # noqa: E402
 from infinitetalk.media import ffprobe_streams  # noqa: E402
+from loopback import data_url, ffmpeg_descendants, free_port, stop_process_group  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 180.0
 JOB_TIMEOUT_S = 240.0
 FPS = 25
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, dict]:
@@ -64,10 +58,6 @@ def _post(url: str, body: dict | None = None, timeout: float = 30.0) -> tuple[in
             return resp.status, json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"{}")
-
-
-def _data_url(path: Path, mime: str) -> str:
-    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 class FileServer:
@@ -90,7 +80,7 @@ class Worker:
     """The worker process with the SDK's local API server; its process group is killed at the end."""
 
     def __init__(self, env: dict, log_path: Path, tmpdir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tmpdir = tmpdir
         self.log = open(log_path, "wb")
@@ -137,20 +127,7 @@ class Worker:
 
     def stop(self) -> None:
         try:
-            if self.proc.poll() is None:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    pass
-            try:
-                os.killpg(self.proc.pid, 9)  # uvicorn, any ffmpeg: nothing outlives the test
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+            stop_process_group(self.proc)
         finally:
             self.log.close()
 
@@ -219,7 +196,7 @@ def _leftovers(tmpdir: Path) -> list[str]:
 
 def test_run_then_status_completes_with_a_presigned_url_to_the_mp4(worker, files, s3_server, tmp_path):
     server, folder = files
-    job_id = worker.run(_tiny(image=server.url + "/face.png", audio=_data_url(folder / "speech.wav", "audio/wav")))
+    job_id = worker.run(_tiny(image=server.url + "/face.png", audio=data_url(folder / "speech.wav", "audio/wav")))
     body = worker.wait(job_id)
     assert body["status"] == "COMPLETED", (body, worker.log_tail())
     out = body["output"]
@@ -292,7 +269,7 @@ def test_bad_configuration_stops_the_worker_at_boot(tiny_weights, s3_server, tmp
     for extra, message in cases:
         env = _worker_env(tiny_weights, tmp_path, **extra)
         result = subprocess.run([sys.executable, "runpod_worker.py", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
-                                 "--rp_api_port", str(_free_port())], cwd=ROOT, env=env, capture_output=True,
+                                 "--rp_api_port", str(free_port())], cwd=ROOT, env=env, capture_output=True,
                                 text=True, timeout=120)
         assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-2000:])
         errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error: ")]
@@ -319,19 +296,6 @@ def pipe(tiny_weights):
         torch.set_num_threads(old)
 
 
-def _ffmpeg_children() -> list:
-    import psutil
-
-    out = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "ffmpeg" in child.name() and child.status() != psutil.STATUS_ZOMBIE:
-                out.append(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def test_cancelling_the_handler_task_stops_within_a_step_and_cleans_up(pipe, portrait, make_speech, tmp_path,
                                                                        monkeypatch):
     """Production cancels (RunPod /cancel, execution timeout) by cancelling the job's asyncio task."""
@@ -346,8 +310,8 @@ def test_cancelling_the_handler_task_stops_within_a_step_and_cleans_up(pipe, por
         started.set()
 
     worker = RunPodWorker(pipe, WorkerSettings(progress_interval_s=0), None, progress=progress)
-    job = {"id": "cancel-me", "input": _tiny(image=_data_url(portrait, "image/png"), steps=100,
-                                              audio=_data_url(make_speech(10.0, "rp_long"), "audio/wav"))}
+    job = {"id": "cancel-me", "input": _tiny(image=data_url(portrait, "image/png"), steps=100,
+                                              audio=data_url(make_speech(10.0, "rp_long"), "audio/wav"))}
 
     async def scenario():
         task = asyncio.create_task(worker.handler(job))
@@ -364,10 +328,10 @@ def test_cancelling_the_handler_task_stops_within_a_step_and_cleans_up(pipe, por
     assert elapsed < 15.0, elapsed
     assert updates[0]["denoising_steps"] >= 1 and updates[0]["num_steps"] == 100 and updates[0]["num_chunks"] == 4
     assert len(updates) < 20  # it stopped: 100 steps x 4 chunks were asked for
-    assert _leftovers(tmp_path) == [] and not _ffmpeg_children()
+    assert _leftovers(tmp_path) == [] and not ffmpeg_descendants()
     # The worker is usable again: the next job completes (inline: no bucket configured).
-    out = worker.run({"id": "after", "input": _tiny(image=_data_url(portrait, "image/png"), steps=1,
-                                                     audio=_data_url(make_speech(1.2, "rp_speech"), "audio/wav"))})
+    out = worker.run({"id": "after", "input": _tiny(image=data_url(portrait, "image/png"), steps=1,
+                                                     audio=data_url(make_speech(1.2, "rp_speech"), "audio/wav"))})
     assert out["storage"] == "inline", out
     head, b64 = out["video_url"].split(",", 1)
     assert head == "data:video/mp4;base64" and out["bytes"] == len(base64.b64decode(b64))
@@ -383,8 +347,8 @@ def test_too_big_for_inline_without_a_bucket_is_a_clear_error(pipe, portrait, ma
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     worker = RunPodWorker(pipe, WorkerSettings(inline_max_bytes=1000), None, progress=lambda job, update: None)
-    out = worker.run({"id": "big", "input": _tiny(image=_data_url(portrait, "image/png"), steps=1,
-                                                   audio=_data_url(make_speech(1.2, "rp_speech"), "audio/wav"))})
+    out = worker.run({"id": "big", "input": _tiny(image=data_url(portrait, "image/png"), steps=1,
+                                                   audio=data_url(make_speech(1.2, "rp_speech"), "audio/wav"))})
     assert "more than the 1000 bytes that can be returned inline" in out["error"]
     assert "INFINITETALK_OUTPUT_BUCKET" in out["error"] and _leftovers(tmp_path) == []
 
@@ -412,7 +376,7 @@ def test_fetch_input_schemes_limits_and_private_addresses(files, tmp_path, monke
     with pytest.raises(InputError, match="not valid base64"):
         fetch("audio", "data:audio/wav;base64,@@@@")
     with pytest.raises(InputError, match="could not download the audio input from 127.0.0.1"):
-        fetch("audio", f"http://127.0.0.1:{_free_port()}/x.wav")  # nothing listens there
+        fetch("audio", f"http://127.0.0.1:{free_port()}/x.wav")  # nothing listens there
 
 
 def test_cog_predictor_uploads_to_the_bucket_too_and_still_returns_the_file(pipe, portrait, make_speech,
