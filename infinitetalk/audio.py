@@ -24,7 +24,6 @@ import shutil
 import subprocess
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import re
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -113,7 +114,7 @@ def first_frame_condition(vae, frame: torch.Tensor, num_frames: int = 81, tempor
     return torch.cat([mask, latents], dim=1)
 
 
-def frames_to_uint8(video: torch.Tensor) -> "np.ndarray":  # noqa: F821
+def frames_to_uint8(video: torch.Tensor) -> np.ndarray:
     """[-1, 1] frames ``[3, F, H, W]`` -> uint8 ``[F, H, W, 3]`` (numpy)."""
     x = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()

@@ -16,7 +16,6 @@ Everything is derived from the files; a group whose file is absent is skipped wi
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 from pathlib import Path
