@@ -58,11 +58,11 @@ def load_reference(path: str | os.PathLike, label: str = "image"):
     For a video the reader's decoder is stopped again after the first frame (it restarts with a
     seek when a later chunk needs a frame), so a failure before generation leaves no ffmpeg behind.
     """
-    info = media.probe(path)
+    info, still = media.probe_and_load(path)
     if info.kind == "audio" or not info.has_video:
         raise InputError(f"the {label} input has no picture: give an image or a video file")
-    if info.kind != "video":
-        return info, None, media.load_image(path)
+    if still is not None:
+        return info, None, still
     if min(info.width or 0, info.height or 0) < media.DEFAULT_MIN_SIDE:
         raise InputError(f"the {label} input is a video of {info.width}x{info.height}; "
                          f"the minimum side is {media.DEFAULT_MIN_SIDE} pixels")

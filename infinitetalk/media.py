@@ -380,16 +380,34 @@ def load_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: i
     if im is None:
         raise InputError(f"input file {_name(p)!r} is not a readable image (PNG, JPEG, WebP, GIF, BMP, TIFF)")
     with im:
-        width, height = im.size
-        if min(width, height) < min_side:
-            raise InputError(
-                f"image {_name(p)!r} is too small: {width}x{height}; the minimum side is {min_side} pixels"
-            )
-        _decode_first_frame(im, p)
-        out = to_rgb(_exif_transpose(im, p))
-        if out is im:
-            out = im.copy()
-    return out
+        return _still_to_rgb(im, p, min_side)
+
+
+def probe_and_load(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   min_side: int = DEFAULT_MIN_SIDE) -> tuple[MediaInfo, Image.Image | None]:
+    """:func:`probe`, plus for a still image its RGB picture as :func:`load_image` gives it.
+
+    A still image is decoded once (probing and loading separately would decode it twice);
+    for anything else the picture is None and the info comes from ffprobe.
+    """
+    p = _check_file(path)
+    im = _open_image(p, max_pixels=max_pixels)
+    if im is None:
+        return probe(p, max_pixels), None
+    with im:
+        codec = (im.format or "").lower()
+        out = _still_to_rgb(im, p, min_side)
+    return MediaInfo("image", out.width, out.height, None, 0.0, 1, False, True, codec), out
+
+
+def _still_to_rgb(im: Image.Image, p: Path, min_side: int) -> Image.Image:
+    """Min-size check, first-frame decode, EXIF orientation and RGB conversion of an opened image."""
+    width, height = im.size
+    if min(width, height) < min_side:
+        raise InputError(f"image {_name(p)!r} is too small: {width}x{height}; the minimum side is {min_side} pixels")
+    _decode_first_frame(im, p)
+    out = to_rgb(_exif_transpose(im, p))
+    return im.copy() if out is im else out
 
 
 # --------------------------------------------------------------------------- reading video frames
@@ -823,6 +841,7 @@ __all__ = [
     "ffprobe_streams",
     "load_image",
     "probe",
+    "probe_and_load",
     "to_rgb",
     "write_wav",
 ]
