@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -215,18 +215,22 @@ class _StrictLoader:
         self.loaded.add(key)
 
     def finish(self, source: str) -> None:
-        missing = sorted(set(self.expected) - self.loaded)
-        problems = []
-        if missing:
-            problems.append(f"missing keys ({len(missing)}): {_abbrev(missing)}")
-        if self.unexpected:
-            problems.append(f"unexpected keys ({len(self.unexpected)}): {_abbrev(sorted(self.unexpected))}")
-        if self.bad_shape:
-            problems.append(f"wrong shapes ({len(self.bad_shape)}): {_abbrev(self.bad_shape)}")
-        if problems:
-            raise WeightsError(f"{source} does not match the model: " + "; ".join(problems))
+        _check_match(source, sorted(set(self.expected) - self.loaded), sorted(self.unexpected), self.bad_shape)
         # Non-persistent buffers (RoPE tables) were built on the CPU at construction.
         self.model.to(self.device)
+
+
+def _check_match(source: str, missing: list[str], unexpected: list[str], bad_shape: list[str]) -> None:
+    """Raise :class:`WeightsError` naming every missing, unexpected and wrong-shape key (abbreviated)."""
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_abbrev(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_abbrev(unexpected)}")
+    if bad_shape:
+        problems.append(f"wrong shapes ({len(bad_shape)}): {_abbrev(bad_shape)}")
+    if problems:
+        raise WeightsError(f"{source} does not match the model: " + "; ".join(problems))
 
 
 def _abbrev(items: list[str], limit: int = 8) -> str:
@@ -347,15 +351,7 @@ def load_official_state_dict(model: torch.nn.Module, state_dict: dict[str, torch
         for k in sorted(set(converted) & set(expected))
         if converted[k].shape != expected[k].shape
     ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {_abbrev(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_abbrev(unexpected)}")
-    if bad:
-        problems.append(f"wrong shapes ({len(bad)}): {_abbrev(bad)}")
-    if problems:
-        raise WeightsError("state dict does not match the model: " + "; ".join(problems))
+    _check_match("state dict", missing, unexpected, bad)
     model.load_state_dict(converted, strict=True)
 
 
@@ -374,8 +370,3 @@ def save_prepared(model, out_dir: str | Path, dtype: torch.dtype = torch.bfloat1
     model.save_pretrained(out_dir, max_shard_size=f"{int(max_shard_gb * 1000)}MB", safe_serialization=True)
     (out_dir / PREPARED_MARKER).write_text(json.dumps({"format": "infinitetalk-prepared", "version": 1}))
     return out_dir
-
-
-def iter_keys(paths: Iterable[Path]) -> Iterator[str]:
-    for p in paths:
-        yield from _safetensors_shapes(p).keys()
