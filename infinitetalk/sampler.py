@@ -261,10 +261,9 @@ def sample_euler(
                         device=generator.device if generator is not None else motion.device)
 
     burn()
-    _inject(latent, motion)
+    _inject(latent, motion)  # before the first model call; later calls follow the post-update overwrite
     for i in range(num_steps):
         t = timesteps[i : i + 1].to(latent.device)
-        _inject(latent, motion)
         pred = denoise(latent, t)
         dt = (timesteps[i] - timesteps[i + 1]).reshape(1) / _NUM_TRAIN_TIMESTEPS
         latent = latent + (-pred) * dt.to(latent.device)
