@@ -189,12 +189,13 @@ class WeightPaths:
 
     @classmethod
     def discover(cls, root: str | Path) -> WeightPaths:
+        from .download import INFINITETALK_DIR, INFINITETALK_FILES, PREPARED_DIR, TURBO_DIR, WAN_DIR, WAV2VEC_DIR
+
         root = Path(root)
-        base = root / "Wan2.1-I2V-14B-480P-Diffusers"
-        single = root / "InfiniteTalk" / "single" / "infinitetalk.safetensors"
-        multi = root / "InfiniteTalk" / "multi" / "infinitetalk.safetensors"
-        wav2vec = root / "chinese-wav2vec2-base"
-        prepared = root / "prepared" / "transformer-single"
+        base = root / WAN_DIR
+        single, multi = (root / INFINITETALK_DIR / f for f in INFINITETALK_FILES)
+        wav2vec = root / WAV2VEC_DIR
+        prepared = root / PREPARED_DIR
         missing = [str(p) for p in (base / "vae", base / "text_encoder", base / "tokenizer", base / "image_encoder", wav2vec)
                    if not p.exists()]
         if not (base / "transformer").exists() and not prepared.exists():
@@ -205,7 +206,7 @@ class WeightPaths:
             raise FileNotFoundError(
                 "weights folder is incomplete; missing: " + ", ".join(missing)
                 + " (run scripts/download_weights.py, see weights/README.md)")
-        loras = sorted((root / "lightx2v").glob("*.safetensors")) if (root / "lightx2v").is_dir() else []
+        loras = sorted((root / TURBO_DIR).glob("*.safetensors")) if (root / TURBO_DIR).is_dir() else []
         return cls(root, base, single if single.exists() else None, multi if multi.exists() else None, wav2vec,
                    prepared if prepared.exists() else None, loras[0] if loras else None)
 
