@@ -15,6 +15,7 @@ nothing at run time) is measured as is.
 from __future__ import annotations
 
 import gc
+import os
 import shutil
 import subprocess
 import sys
@@ -81,7 +82,9 @@ def _speech_like(seconds: float, sr: int = 16000) -> np.ndarray:
 
 
 class _NullWriter:
-    """Stands in for the ffmpeg encoder when the GPU box has no ffmpeg binary."""
+    """Stands in for the ffmpeg encoder when the GPU box has no ffmpeg binary (or frames are compared)."""
+
+    collected: list | None = None  # a list: frames are kept for error measurements
 
     def __init__(self, path, width, height, **_):
         self.path = Path(path)
@@ -89,6 +92,8 @@ class _NullWriter:
 
     def write(self, frames):
         self.frames_written += len(frames)
+        if _NullWriter.collected is not None:
+            _NullWriter.collected.append(np.asarray(frames.cpu() if hasattr(frames, "cpu") else frames))
 
     def close(self):
         return self.path
@@ -103,86 +108,217 @@ class _NullWriter:
         return False
 
 
+class _Bench:
+    """Full-size random pipeline on the GPU (tiny components with BENCH_SMOKE=1 on the CPU), a real
+    portrait and synthetic speech of a settable length; the encoder can keep the frames."""
+
+    def __init__(self, args, *, compile_now: bool):
+        from PIL import Image
+
+        from infinitetalk import audio as audio_lib
+        from infinitetalk import media
+        from infinitetalk.pipeline import InfiniteTalkPipeline, compile_transformer
+
+        self.env = _env()
+        self.smoke = os.environ.get("BENCH_SMOKE") == "1"  # CPU dry run of the whole flow with tiny components
+        self.device = torch.device("cpu" if self.smoke else "cuda")
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
+        subprocess.run([sys.executable, str(HERE / "make_tiny_weights.py"), str(self.tmp / "tiny")], check=True,
+                       stdout=subprocess.DEVNULL)
+        self.has_ffmpeg = shutil.which("ffmpeg") is not None
+        self.keep_frames = bool(getattr(args, "keep_frames", False))
+        if not self.has_ffmpeg or self.keep_frames:
+            # The encoder runs in its own process in production; noted in the record.
+            media.VideoWriter = _NullWriter
+        self.vae_dtype = torch.bfloat16 if getattr(args, "vae_bf16", False) else torch.float32
+        if self.smoke:
+            self.pipe = InfiniteTalkPipeline.from_pretrained(self.tmp / "tiny", device="cpu")
+        else:
+            transformer = build_random_model(FULL_CONFIG, num_layers=args.layers)
+            if compile_now:
+                compile_transformer(transformer)
+            vae, t5, tok, clip, audio = _random_components(self.device, torch.bfloat16, self.vae_dtype,
+                                                           self.tmp / "tiny")
+            self.pipe = InfiniteTalkPipeline(transformer, vae, t5, tok, clip, audio, device=self.device,
+                                             dtype=torch.bfloat16)
+        self.pipe.turbo_loaded = True  # the distilled LoRA fused into the weights costs nothing at run time
+        try:
+            from skimage import data
+
+            portrait = data.astronaut()
+        except Exception:  # noqa: BLE001
+            portrait = (np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8)
+        self.image = self.tmp / "portrait.png"
+        Image.fromarray(portrait).save(self.image)
+        self.seconds = (81 + 72) / VIDEO_FPS  # exactly 2 chunks
+        audio_lib.load_speech = lambda path, *a, **k: _speech_like(self.seconds)  # no decoder libs needed
+        self.speech = self.tmp / "speech.wav"
+        self.speech.write_bytes(b"")
+
+    def run(self, req, name: str):
+        """Generate; returns (result, wall seconds, frames uint8 [N, H, W, 3] or None)."""
+        _NullWriter.collected = []
+        if not self.smoke:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        result = self.pipe.generate(req, self.tmp / f"{name}.mp4", show_progress=False)
+        wall = time.perf_counter() - t0
+        frames = np.concatenate(_NullWriter.collected) if _NullWriter.collected else None
+        _NullWriter.collected = []
+        return result, wall, frames
+
+    def peak_gb(self) -> float:
+        return 0.0 if self.smoke else round(torch.cuda.max_memory_allocated() / 1e9, 2)
+
+    def cleanup(self):
+        gc.collect()
+        if not self.smoke:
+            torch.cuda.empty_cache()
+
+    def close(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _chunk_record(b: _Bench, mode: str, res: str, h: int, w: int, result, wall: float, steps: int,
+                  steps_reported: int, tg: float, ag: float, **extra) -> dict:
+    tm = result.timings
+    chunk = tm["chunk_seconds"][-1]  # a steady-state chunk (k >= 1) when there are two
+    sampling = tm["sampling_per_chunk"][-1]
+    per_step = sampling / steps
+    overhead = chunk - sampling
+    chunk_reported = overhead + per_step * steps_reported
+    nfe = 3 if tg != 1.0 else (2 if ag != 1.0 else 1)
+    fl = forward_flops(FULL_CONFIG, h, w)
+    rec = dict(
+        b.env, mode=mode, resolution=res, width=w, height=h, speakers=1, steps=steps_reported,
+        forwards_per_step=nfe, steps_measured=steps, vae_dtype=str(b.vae_dtype).replace("torch.", ""),
+        ffmpeg_encoder=b.has_ffmpeg and not b.keep_frames,
+        seconds_per_forward=round(per_step / nfe, 3), seconds_per_step=round(per_step, 3),
+        chunk_overhead_seconds=round(overhead, 3), seconds_per_chunk=round(chunk_reported, 2),
+        gpu_seconds_per_video_second=round(chunk_reported / (NEW_FRAMES_PER_CHUNK / VIDEO_FPS), 2),
+        floor_seconds_per_forward=round(fl["floor_seconds"], 3),
+        conditioning_seconds=round(tm.get("conditioning", 0.0), 2), measured_wall_seconds=round(wall, 1),
+        peak_memory_gb=b.peak_gb(),
+    )
+    rec.update(extra)
+    return rec
+
+
 def bench_chunk(args) -> list[dict]:
-    from PIL import Image
+    from infinitetalk.pipeline import GenerationRequest
 
-    from infinitetalk import audio as audio_lib
-    from infinitetalk import media
-    from infinitetalk.pipeline import GenerationRequest, InfiniteTalkPipeline, compile_transformer
-
-    import os
-
-    env = _env()
-    smoke = os.environ.get("BENCH_SMOKE") == "1"  # CPU dry run of the whole flow with tiny components
-    device = torch.device("cpu" if smoke else "cuda")
-    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
-    subprocess.run([sys.executable, str(HERE / "make_tiny_weights.py"), str(tmp / "tiny")], check=True,
-                   stdout=subprocess.DEVNULL)
-    has_ffmpeg = shutil.which("ffmpeg") is not None
-    if not has_ffmpeg:
-        media.VideoWriter = _NullWriter  # encoder runs in its own process in production; noted in the record
-    vae_dtype = torch.bfloat16 if getattr(args, "vae_bf16", False) else torch.float32
-    if smoke:
-        pipe = InfiniteTalkPipeline.from_pretrained(tmp / "tiny", device="cpu")
-    else:
-        transformer = build_random_model(FULL_CONFIG, num_layers=args.layers)
-        if getattr(args, "compile", False):
-            compile_transformer(transformer)
-        vae, t5, tok, clip, audio = _random_components(device, torch.bfloat16, vae_dtype, tmp / "tiny")
-        pipe = InfiniteTalkPipeline(transformer, vae, t5, tok, clip, audio, device=device, dtype=torch.bfloat16)
-    vae = pipe.vae
-    pipe.turbo_loaded = True
-    try:
-        from skimage import data
-
-        portrait = data.astronaut()
-    except Exception:  # noqa: BLE001
-        portrait = (np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8)
-    image = tmp / "portrait.png"
-    Image.fromarray(portrait).save(image)
+    b = _Bench(args, compile_now=bool(getattr(args, "compile", False)))
     records = []
-    seconds = (81 + 72) / VIDEO_FPS  # exactly 2 chunks
-    audio_lib.load_speech = lambda path, *a, **k: _speech_like(seconds)  # noqa: E731 (no decoder libs needed)
-    speech = tmp / "speech.wav"
-    speech.write_bytes(b"")
     for res in args.resolutions:
-        h, w = (64, 64) if smoke else BUCKETS[res]
+        h, w = (64, 64) if b.smoke else BUCKETS[res]
         for mode in args.modes:
             steps, steps_reported, tg, ag, shift = MODES[mode]
-            req = GenerationRequest(image=image, audio=speech, width=w, height=h, steps=steps, text_guidance=tg,
-                                    audio_guidance=ag, shift=shift, seed=0, turbo=mode == "turbo")
-            if not smoke:
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            result = pipe.generate(req, tmp / f"{mode}-{res}.mp4", show_progress=False)
-            wall = time.perf_counter() - t0
-            tm = result.timings
-            chunk = tm["chunk_seconds"][-1]  # a steady-state chunk (k >= 1)
-            sampling = tm["sampling_per_chunk"][-1]
-            per_step = sampling / steps
-            overhead = chunk - sampling
-            chunk_reported = overhead + per_step * steps_reported
-            nfe = 3 if tg != 1.0 else (2 if ag != 1.0 else 1)
-            fl = forward_flops(FULL_CONFIG, h, w)
-            rec = dict(
-                env, mode=mode, resolution=res, width=w, height=h, speakers=1, steps=steps_reported,
-                forwards_per_step=nfe, steps_measured=steps, vae_dtype=str(vae_dtype).replace("torch.", ""),
-                compiled=bool(getattr(args, "compile", False)), ffmpeg_encoder=has_ffmpeg,
-                seconds_per_forward=round(per_step / nfe, 3), seconds_per_step=round(per_step, 3),
-                chunk_overhead_seconds=round(overhead, 3), seconds_per_chunk=round(chunk_reported, 2),
-                gpu_seconds_per_video_second=round(chunk_reported / (NEW_FRAMES_PER_CHUNK / VIDEO_FPS), 2),
-                floor_seconds_per_forward=round(fl["floor_seconds"], 3),
-                conditioning_seconds=round(tm.get("conditioning", 0.0), 2), measured_wall_seconds=round(wall, 1),
-                peak_memory_gb=0.0 if smoke else round(torch.cuda.max_memory_allocated() / 1e9, 2),
-            )
+            req = GenerationRequest(image=b.image, audio=b.speech, width=w, height=h, steps=steps, text_guidance=tg,
+                                    audio_guidance=ag, shift=shift, seed=0, turbo=mode != "exact")
+            result, wall, _ = b.run(req, f"{mode}-{res}")
+            rec = _chunk_record(b, mode, res, h, w, result, wall, steps, steps_reported, tg, ag,
+                                compiled=bool(getattr(args, "compile", False)))
             print(rec, flush=True)
             records.append(rec)
-            gc.collect()
-            if not smoke:
-                torch.cuda.empty_cache()
-    if not smoke:
-        records += _vae_precision(vae, device, args.resolutions)
-    shutil.rmtree(tmp, ignore_errors=True)
+            b.cleanup()
+    if not b.smoke:
+        records += _vae_precision(b.pipe.vae, b.device, args.resolutions)
+    b.close()
+    return records
+
+
+def _errors(frames: np.ndarray, ref: np.ndarray) -> dict:
+    """Error of decoded uint8 frames against the reference frames of the exact bf16 path."""
+    a, r = frames.astype(np.float64), ref.astype(np.float64)
+    mse = float(np.mean((a - r) ** 2))
+    return dict(rel_l2_vs_exact_bf16=round(float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-12)), 5),
+                psnr_db_vs_exact_bf16=round(float(10 * np.log10(255.0**2 / mse)), 2) if mse > 0 else None,
+                max_abs_vs_exact_bf16=int(np.abs(a - r).max()))
+
+
+@torch.no_grad()
+def _calibrate_cache_indicator(transformer, target_rel_l1: float) -> None:
+    """Random weights make the timestep modulation ``e0`` change by ~70% between steps (a trained
+    model's changes are a few percent), so the TeaCache rule would never skip.  For the benchmark the
+    rule sees ``e0 + c`` with the constant ``c`` chosen so that the mean step-to-step relative L1 is
+    ``target_rel_l1``; the skip/compute mechanism itself is the production one."""
+    from infinitetalk import pipeline as pipeline_mod
+    from infinitetalk.sampler import get_timesteps
+    from infinitetalk.step_cache import StepCache
+
+    cfg = transformer.config
+    dev = next(transformer.parameters()).device
+    dt = transformer.condition_embedder.time_proj.weight.dtype
+    txt = torch.zeros(1, 1, cfg.text_dim, device=dev, dtype=dt)
+    img = torch.zeros(1, 1, cfg.image_dim, device=dev, dtype=dt)
+    e0 = [transformer.condition_embedder(t.reshape(1).to(dev), txt, img)[1].float()
+          for t in get_timesteps(40, 7.0)[:-1]]
+    change = torch.stack([(a - b).abs().mean() for a, b in zip(e0[1:], e0[:-1])]).mean().item()
+    offset = change / target_rel_l1
+
+    class CalibratedStepCache(StepCache):
+        def should_skip(self, branch, e0):
+            return super().should_skip(branch, e0.float() + offset)
+
+    pipeline_mod.StepCache = CalibratedStepCache
+
+
+def bench_approx(args) -> list[dict]:
+    """Approximations against the exact bf16 path on the same inputs and seed.
+
+    ``cache``: exact mode (40 steps x 3 forwards) with the step cache at each threshold, one chunk at
+    ``--size``, against the same run without the cache.  ``fp8``: turbo (2 forwards per step) and
+    turbo with audio guidance 1 (1 forward) in bf16 eager, then the same after the fp8 memory mode
+    (torchao FP8 compute) and regional compile; the second chunk is the steady-state time.
+    Errors compare the decoded uint8 frames.
+    """
+    from infinitetalk.pipeline import GenerationRequest, apply_memory_mode, compile_transformer
+
+    args.keep_frames = True
+    b = _Bench(args, compile_now=False)
+    records = []
+    if "cache" in args.approx:
+        w, h = (64, 64) if b.smoke else args.size
+        b.seconds = 81 / VIDEO_FPS  # one chunk
+        _calibrate_cache_indicator(b.pipe.transformer, args.cache_rel_l1)
+        ref = base_sampling = None
+        for thr in [0.0] + [t for t in args.cache_thresholds if t > 0]:
+            req = GenerationRequest(image=b.image, audio=b.speech, width=w, height=h, steps=40, text_guidance=5.0,
+                                    audio_guidance=4.0, shift=7.0, seed=0, step_cache=thr)
+            result, wall, frames = b.run(req, f"cache-{thr}")
+            sampling = result.timings["sampling_per_chunk"][-1]
+            skipped = result.timings.get("step_cache_skipped", [0])[-1]
+            if ref is None:
+                ref, base_sampling = frames, sampling
+            rec = _chunk_record(b, "exact-step-cache", f"{w}x{h}", h, w, result, wall, 40, 40, 5.0, 4.0,
+                                step_cache_threshold=thr, indicator_rel_l1=args.cache_rel_l1, forwards_total=120, forwards_skipped=int(skipped),
+                                sampling_seconds=round(sampling, 2),
+                                sampling_speedup=round(base_sampling / sampling, 3), **_errors(frames, ref))
+            print(rec, flush=True)
+            records.append(rec)
+            b.cleanup()
+    if "fp8" in args.approx:
+        b.seconds = (81 + 72) / VIDEO_FPS
+        h, w = (64, 64) if b.smoke else BUCKETS["480p"]
+        refs = {}
+        for variant in ("bf16-eager", "fp8-compile"):
+            if variant == "fp8-compile":
+                apply_memory_mode(b.pipe.transformer, "fp8", b.device, b.pipe.dtype)
+                if not b.smoke:
+                    compile_transformer(b.pipe.transformer)
+                b.cleanup()
+            for mode in ("turbo", "turbo-1nfe"):
+                steps, steps_reported, tg, ag, shift = MODES[mode]
+                req = GenerationRequest(image=b.image, audio=b.speech, width=w, height=h, steps=steps,
+                                        text_guidance=tg, audio_guidance=ag, shift=shift, seed=0, turbo=True)
+                result, wall, frames = b.run(req, f"{mode}-{variant}")
+                refs.setdefault(mode, frames)
+                rec = _chunk_record(b, mode, "480p", h, w, result, wall, steps, steps_reported, tg, ag,
+                                    variant=variant, **_errors(frames, refs[mode]))
+                print(rec, flush=True)
+                records.append(rec)
+                b.cleanup()
+    b.close()
     return records
 
 

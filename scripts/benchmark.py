@@ -167,14 +167,15 @@ def _forward_sweep(args, model, env, layers, variant, refs) -> list[dict]:
     records = []
     for res in args.resolutions:
         h, w = BUCKETS[res]
-        for speakers in args.speakers:
-            inputs, masks = forward_inputs(model.config, h, w, speakers)
+        for speakers, batch in [(s, b) for s in args.speakers for b in args.batch]:
+            inputs, masks = forward_inputs(model.config, h, w, speakers, batch=batch)
             for backend in args.backends:
                 model.set_attention_backend(backend)
                 torch.cuda.reset_peak_memory_stats()
                 with torch.no_grad():
                     sec = time_cuda(lambda: model(*inputs, ref_target_masks=masks, return_dict=False), args.warmup, args.repeats)
-                    out = model(*inputs, ref_target_masks=masks, return_dict=False)[0].float()
+                    out = model(*inputs, ref_target_masks=masks, return_dict=False)[0][:1].float()
+                sec /= batch  # per forward
                 key = f"{res}-{speakers}"
                 rel_err = None
                 if key in refs:
@@ -187,7 +188,7 @@ def _forward_sweep(args, model, env, layers, variant, refs) -> list[dict]:
                 sec_full = sec * scale
                 rec = dict(
                     env, mode="forward", variant=variant, rel_l2_vs_eager_bf16=rel_err, resolution=res, width=w,
-                    height=h, speakers=speakers, backend=backend,
+                    height=h, speakers=speakers, backend=backend, batch=batch,
                     weights_memory_gb=round(torch.cuda.memory_allocated() / 1e9, 2),
                     layers_measured=layers, seconds_per_forward=round(sec_full, 4),
                     achieved_tflops=round(fl["total_flops"] / sec_full / 1e12, 1),
@@ -206,7 +207,7 @@ def _forward_sweep(args, model, env, layers, variant, refs) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="InfiniteTalk GPU benchmark")
-    ap.add_argument("what", choices=["forward", "chunk", "memory", "setup"])
+    ap.add_argument("what", choices=["forward", "chunk", "approx", "memory", "setup"])
     ap.add_argument("--scratch", default="/tmp/infinitetalk-setup-bench", help="setup: where to write weights")
     ap.add_argument("--resolutions", default="480p", type=lambda s: s.split(","))
     ap.add_argument("--backends", default="_native_cudnn", type=lambda s: s.split(","))
@@ -218,6 +219,15 @@ def main(argv=None) -> int:
     ap.add_argument("--ref", type=Path, default=None, help="file holding eager outputs to compute errors against")
     ap.add_argument("--compile", action="store_true", help="chunk: regional torch.compile of the blocks")
     ap.add_argument("--vae-bf16", action="store_true", help="chunk: run the VAE in bf16")
+    ap.add_argument("--approx", default="cache,fp8", type=lambda s: s.split(","),
+                    help="approx: which approximations to measure against the exact bf16 path")
+    ap.add_argument("--size", default="320x320", type=lambda s: tuple(int(x) for x in s.split("x")),
+                    help="approx cache: WxH of the 40-step exact runs")
+    ap.add_argument("--cache-rel-l1", default=0.05, type=float,
+                    help="approx cache: step-to-step rel-L1 of e0 the skip rule sees (random weights)")
+    ap.add_argument("--cache-thresholds", default="0.2,0.3", type=lambda s: [float(x) for x in s.split(",")])
+    ap.add_argument("--batch", default="1", type=lambda s: [int(x) for x in s.split(",")],
+                    help="forward: batch sizes (CFG batching: time per forward = time / batch)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
@@ -234,6 +244,10 @@ def main(argv=None) -> int:
         from bench_chunk import bench_chunk  # kept apart: needs the pipeline
 
         records = bench_chunk(args)
+    elif args.what == "approx":
+        from bench_chunk import bench_approx
+
+        records = bench_approx(args)
     elif args.what == "memory":
         from bench_memory import bench_memory
 
