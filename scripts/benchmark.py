@@ -101,13 +101,16 @@ def build_random_model(cfg: dict, device="cuda", dtype=torch.bfloat16, num_layer
 
 
 def forward_inputs(cfg, height, width, speakers, device="cuda", dtype=torch.bfloat16, frames=81, batch=1):
+    """Random inputs of one forward; with ``batch`` > 1 the batch-1 inputs are repeated, so every
+    element's output can be compared with the batch-1 output."""
     g = torch.Generator(device=device).manual_seed(0)
     n_t = (frames - 1) // 4 + 1
-    lat = torch.randn(batch, cfg["in_channels"], n_t, height // 8, width // 8, device=device, dtype=dtype, generator=g)
-    t = torch.full((batch,), 500.0, device=device)
-    text = torch.randn(batch, 512, cfg["text_dim"], device=device, dtype=dtype, generator=g)
-    clip = torch.randn(batch, 257, cfg["image_dim"], device=device, dtype=dtype, generator=g)
-    audio = torch.randn(batch, speakers, frames, 5, 12, 768, device=device, dtype=dtype, generator=g)
+    lat = torch.randn(1, cfg["in_channels"], n_t, height // 8, width // 8, device=device, dtype=dtype, generator=g)
+    t = torch.full((1,), 500.0, device=device)
+    text = torch.randn(1, 512, cfg["text_dim"], device=device, dtype=dtype, generator=g)
+    clip = torch.randn(1, 257, cfg["image_dim"], device=device, dtype=dtype, generator=g)
+    audio = torch.randn(1, speakers, frames, 5, 12, 768, device=device, dtype=dtype, generator=g)
+    lat, t, text, clip, audio = (x.repeat(batch, *([1] * (x.dim() - 1))) for x in (lat, t, text, clip, audio))
     masks = None
     if speakers == 2:
         masks = torch.zeros(3, height // 8, width // 8, device=device)
