@@ -14,14 +14,17 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, AttentionModuleMixin, FeedForward
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -40,6 +43,7 @@ __all__ = [
     "InfiniteTalkAudioAttnProcessor",
     "InfiniteTalkTransformer3DModel",
     "InfiniteTalkTransformerBlock",
+    "SequenceShard",
     "apply_rope_1d",
     "label_rope_positions",
     "reference_attention_map",
@@ -123,6 +127,48 @@ class AudioProjModel(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# Sequence parallel: this rank's slice of the video tokens
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SequenceShard:
+    """The contiguous slice ``[start, start + length)`` of the ``L = N_t * S`` video tokens held by
+    this rank when diffusers' context parallelism splits the sequence evenly over ``group``.
+
+    Shard boundaries need not fall on latent-frame boundaries: the per-frame audio attention pads
+    its slice out to whole frames, and the two-speaker reference map takes the reference-frame keys
+    from the rank that holds them.
+    """
+
+    start: int
+    length: int
+    tokens_per_frame: int
+    group: Any  # torch.distributed ProcessGroup
+
+    @property
+    def frames(self) -> tuple[int, int]:
+        """The latent frames ``[first, end)`` this slice touches."""
+        s = self.tokens_per_frame
+        return self.start // s, (self.start + self.length - 1) // s + 1
+
+    def to_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, length, ...]`` -> ``[B, n_frames * S, ...]``, zero padded at both ends."""
+        first, end = self.frames
+        lead = self.start - first * self.tokens_per_frame
+        if lead == 0 and self.length == (end - first) * self.tokens_per_frame:
+            return x
+        out = x.new_zeros(x.shape[0], (end - first) * self.tokens_per_frame, *x.shape[2:])
+        out[:, lead : lead + self.length] = x
+        return out
+
+    def from_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_frames`."""
+        lead = self.start - self.frames[0] * self.tokens_per_frame
+        return x[:, lead : lead + self.length]
+
+
+# --------------------------------------------------------------------------------------------
 # Two-speaker helpers: reference attention map and label RoPE
 # --------------------------------------------------------------------------------------------
 
@@ -146,6 +192,7 @@ def reference_attention_map(
     masks: torch.Tensor,
     tokens_per_frame: int,
     head_chunk: int = 4,
+    shard: SequenceShard | None = None,
 ) -> torch.Tensor:
     """Mean attention of every video token to each class region of the reference frame.
 
@@ -159,17 +206,27 @@ def reference_attention_map(
         hidden_states: ``[B, L, D]`` the modulated input of the self-attention.
         rotary_emb: Wan RoPE tables ``([1, L, 1, Dh], [1, L, 1, Dh])``.
         masks: ``[C, S]`` class masks on the token grid (person1, person2, background).
+        shard: with sequence parallelism, this rank's slice (``hidden_states`` and ``rotary_emb``
+            hold only its tokens); the reference-frame keys are computed by the rank holding
+            the first latent frame and broadcast.
 
     Returns:
-        ``[B, C, L]`` float32.
+        ``[B, C, L]`` float32 (``L``: the tokens of this rank).
     """
     heads = attn.heads
     s = tokens_per_frame
-    query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (heads, -1))
-    key = attn.norm_k(attn.to_k(hidden_states[:, :s])).unflatten(2, (heads, -1))
     cos, sin = rotary_emb
+    query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (heads, -1))
     query = _apply_rope_3d(query, cos, sin)
-    key = _apply_rope_3d(key, cos[:, :s], sin[:, :s])
+    if shard is None or shard.start == 0:
+        if hidden_states.shape[1] < s:
+            raise ValueError(f"the first shard holds {hidden_states.shape[1]} tokens, fewer than one frame ({s})")
+        key = attn.norm_k(attn.to_k(hidden_states[:, :s])).unflatten(2, (heads, -1))
+        key = _apply_rope_3d(key, cos[:, :s], sin[:, :s]).contiguous()
+    else:
+        key = query.new_empty(query.shape[0], s, *query.shape[2:])
+    if shard is not None:
+        dist.broadcast(key, src=dist.get_global_rank(shard.group, 0), group=shard.group)
     used_heads = (heads // 2) * 2
     masks = masks.to(query.dtype)
     weights = (masks / masks.sum(dim=1, keepdim=True)).transpose(0, 1)  # [S, C]
@@ -185,13 +242,16 @@ def reference_attention_map(
     return (total / used_heads).transpose(1, 2).float()
 
 
-def label_rope_positions(ref_map: torch.Tensor, class_range: int = 24, class_interval: int = 4) -> torch.Tensor:
+def label_rope_positions(
+    ref_map: torch.Tensor, class_range: int = 24, class_interval: int = 4, group: Any = None
+) -> torch.Tensor:
     """L-RoPE position of every video token from a two-speaker reference map.
 
     ``ref_map``: ``[B, 3, L]`` (person1, person2, background).  Person-1 tokens get their map-0
     value min-max normalised (global min/max of map 0) into ``[0, class_interval]``, person-2
     tokens their map-1 value into ``[class_range - class_interval, class_range]``, background
     tokens ``class_range // 2``; the class of a token is the argmax over the three maps.
+    With sequence parallelism (``group``) the min/max are taken over all ranks' tokens.
     Returns ``[B, L]`` float32.
     """
     eps = 1e-8
@@ -199,6 +259,9 @@ def label_rope_positions(ref_map: torch.Tensor, class_range: int = 24, class_int
     def rescale(values, lo, hi):
         vmin = values.amin(dim=-1, keepdim=True)
         vmax = values.amax(dim=-1, keepdim=True)
+        if group is not None:
+            dist.all_reduce(vmin, op=dist.ReduceOp.MIN, group=group)
+            dist.all_reduce(vmax, op=dist.ReduceOp.MAX, group=group)
         return (values - vmin) / (vmax - vmin + eps) * (hi - lo) + lo
 
     person1 = rescale(ref_map[:, 0], 0.0, float(class_interval))
@@ -243,11 +306,13 @@ class InfiniteTalkAudioAttnProcessor:
 
     The video tokens of each latent frame attend only to that frame's audio tokens (no mask
     needed: frames are folded into the batch).  With two speakers, queries and audio keys are
-    rotated by label RoPE (:func:`label_rope_positions`).
+    rotated by label RoPE (:func:`label_rope_positions`).  Under sequence parallelism the rank's
+    slice is padded out to whole frames (:class:`SequenceShard`); the attention itself is local,
+    since every rank holds all audio tokens.
     """
 
     _attention_backend = None
-    _parallel_config = None
+    _parallel_config = None  # set by enable_parallelism; unused: this attention needs no exchange
 
     def __call__(
         self,
@@ -256,8 +321,14 @@ class InfiniteTalkAudioAttnProcessor:
         encoder_hidden_states: torch.Tensor,
         num_frames: int,
         token_positions: torch.Tensor | None = None,
+        shard: SequenceShard | None = None,
     ) -> torch.Tensor:
-        # hidden_states: [B, N_t*S, D]; encoder_hidden_states: [B, N_t, M, O]
+        # hidden_states: [B, L, D] (L = N_t*S, or this rank's slice); encoder_hidden_states: [B, N_t, M, O]
+        if shard is not None:
+            first, end = shard.frames
+            out = self(attn, shard.to_frames(hidden_states), encoder_hidden_states[:, first:end], end - first,
+                       None if token_positions is None else shard.to_frames(token_positions))
+            return shard.from_frames(out)
         batch, length, _ = hidden_states.shape
         tokens = length // num_frames
         x = hidden_states.reshape(batch * num_frames, tokens, -1)
@@ -308,8 +379,9 @@ class InfiniteTalkAudioAttention(nn.Module, AttentionModuleMixin):
         encoder_hidden_states: torch.Tensor,
         num_frames: int,
         token_positions: torch.Tensor | None = None,
+        shard: SequenceShard | None = None,
     ) -> torch.Tensor:
-        return self.processor(self, hidden_states, encoder_hidden_states, num_frames, token_positions)
+        return self.processor(self, hidden_states, encoder_hidden_states, num_frames, token_positions, shard)
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,6 +435,7 @@ class InfiniteTalkTransformerBlock(nn.Module):
         audio_hidden_states: torch.Tensor,
         num_frames: int,
         ref_masks: torch.Tensor | None = None,
+        shard: SequenceShard | None = None,
     ) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (self.scale_shift_table + temb.float()).chunk(6, dim=1)
 
@@ -372,11 +445,13 @@ class InfiniteTalkTransformerBlock(nn.Module):
         token_positions = None
         if ref_masks is not None:
             # Two speakers: classify tokens by their attention to each region of the reference frame.
+            tokens_per_frame = ref_masks.shape[1]
             ref_map = reference_attention_map(
-                self.attn1, norm_hidden, rotary_emb, ref_masks, hidden_states.shape[1] // num_frames
+                self.attn1, norm_hidden, rotary_emb, ref_masks, tokens_per_frame, shard=shard
             )
             token_positions = label_rope_positions(
-                ref_map, self.audio_attn.class_range, self.audio_attn.class_interval
+                ref_map, self.audio_attn.class_range, self.audio_attn.class_interval,
+                group=None if shard is None else shard.group,
             )
         hidden_states = (hidden_states.float() + attn_out * gate_msa).type_as(hidden_states)
 
@@ -386,7 +461,8 @@ class InfiniteTalkTransformerBlock(nn.Module):
 
         # 3. Audio cross-attention, per latent frame (plain residual)
         norm_hidden = self.norm_audio(hidden_states)
-        hidden_states = hidden_states + self.audio_attn(norm_hidden, audio_hidden_states, num_frames, token_positions)
+        hidden_states = hidden_states + self.audio_attn(norm_hidden, audio_hidden_states, num_frames, token_positions,
+                                                        shard)
 
         # 4. Feed-forward (modulated, gated residual)
         norm_hidden = (self.norm3(hidden_states.float()) * (1 + c_scale) + c_shift).type_as(hidden_states)
@@ -408,6 +484,19 @@ class InfiniteTalkTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
     _keep_in_fp32_modules = ["rope", "time_embedder", "scale_shift_table", "norm1", "norm2", "norm3", "norm_audio"]
     _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
     _repeated_blocks = ["InfiniteTalkTransformerBlock"]
+    # Context (sequence) parallelism, see ``ModelMixin.enable_parallelism``: the RoPE tables and the
+    # patch tokens are split evenly along the sequence, every rank runs all blocks on its slice (the
+    # self-attention exchanges through Ulysses/ring in diffusers' dispatcher; text, image and audio
+    # attention are local) and the head's output is gathered.  The split point is a module of its
+    # own so that the tokens are split even when the step cache skips the blocks.
+    _cp_plan = {
+        "rope": {
+            0: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
+            1: ContextParallelInput(split_dim=1, expected_dims=4, split_output=True),
+        },
+        "sequence_split": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
 
     @register_to_config
     def __init__(
@@ -443,6 +532,7 @@ class InfiniteTalkTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
         inner_dim = num_attention_heads * attention_head_dim
         self.rope = WanRotaryPosEmbed(attention_head_dim, patch_size, rope_max_seq_len)
         self.patch_embedding = nn.Conv3d(in_channels, inner_dim, kernel_size=patch_size, stride=patch_size)
+        self.sequence_split = nn.Identity()  # where context parallelism splits the tokens (see _cp_plan)
         self.condition_embedder = WanTimeTextImageEmbedding(
             dim=inner_dim,
             time_freq_dim=freq_dim,
@@ -482,6 +572,12 @@ class InfiniteTalkTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
 
     # ---------------------------------------------------------------------------------------
+    def _context_parallel_group(self):
+        """The process group the tokens are split over, or None without context parallelism."""
+        config = getattr(self, "_parallel_config", None)
+        cp = None if config is None else config.context_parallel_config
+        return None if cp is None else cp._flattened_mesh.get_group()
+
     def encode_audio(self, audio: torch.Tensor) -> torch.Tensor:
         """Audio windows ``[B, P, F, W, *feat]`` -> audio tokens ``[B, N_t, P*K, O]``.
 
@@ -529,8 +625,19 @@ class InfiniteTalkTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
         p_t, p_h, p_w = self.config.patch_size
         n_t, n_h, n_w = num_frames // p_t, height // p_h, width // p_w
 
-        rotary_emb = self.rope(hidden_states)
+        shard_group = self._context_parallel_group()
+        if shard_group is not None and (n_t * n_h * n_w) % dist.get_world_size(shard_group):
+            raise ValueError(
+                f"{n_t * n_h * n_w} video tokens ({n_t} frames of {n_h}x{n_w}) cannot be split evenly over "
+                f"{dist.get_world_size(shard_group)} GPUs; choose a size whose token count is divisible by it"
+            )
+        rotary_emb = self.rope(hidden_states)  # split along the tokens under context parallelism
         hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+        hidden_states = self.sequence_split(hidden_states)  # [B, L, D], or this rank's [B, L / W, D]
+        shard = None
+        if shard_group is not None:
+            local = hidden_states.shape[1]
+            shard = SequenceShard(dist.get_rank(shard_group) * local, local, n_h * n_w, shard_group)
 
         text_len = self.config.text_len
         if encoder_hidden_states.shape[1] < text_len:
@@ -562,7 +669,7 @@ class InfiniteTalkTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
             blocks_in = hidden_states
             for block in self.blocks:
                 hidden_states = block(
-                    hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, audio_tokens, n_t, masks
+                    hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, audio_tokens, n_t, masks, shard
                 )
             if step_cache is not None:
                 step_cache.store(cache_branch, hidden_states - blocks_in)
