@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--memory-mode", choices=["none", "fp8", "offload"], default="none",
                     help="smaller GPUs: fp8 weight storage, or block offloading from CPU memory (default none)")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile (GPU: ~13%% faster forwards)")
+    ap.add_argument("--num-gpus", type=int, default=1,
+                    help="split each forward over this many GPUs of this host (1, 2, 4 or 8; default 1); "
+                         "alternatively start the CLI with torchrun --nproc-per-node N")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
@@ -69,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from . import parallel
     from .pipeline import DEFAULT_PROMPT, GenerationError, GenerationRequest, InfiniteTalkPipeline
     from .weights import WeightsError
 
@@ -80,15 +86,31 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed, color_correction=args.color_correction, apg=args.apg, crf=args.crf, turbo=args.turbo,
         step_cache=args.step_cache,
     )
+    options = dict(turbo_lora=args.lora, attention_backend=args.attention_backend, compile=args.compile,
+                   memory_mode=args.memory_mode)
+    context = pipe = None
     try:
         request.validate()
-        pipe = InfiniteTalkPipeline.from_pretrained(args.weights, device=args.device, turbo_lora=args.lora,
-                                                    attention_backend=args.attention_backend,
-                                                    compile=args.compile, memory_mode=args.memory_mode)
-        result = pipe.generate(request, args.out, show_progress=not args.quiet)
-    except (InputError, GenerationError, WeightsError, FileNotFoundError) as exc:
+        context = parallel.init_from_env()  # started by torchrun with several processes
+        if context is not None:
+            pipe = InfiniteTalkPipeline.from_pretrained(args.weights, device=context.device, **options)
+            pipe.enable_sequence_parallel(context)
+        elif args.num_gpus > 1:
+            pipe = parallel.MultiGPUPipeline(parallel.PipelineLoader(str(args.weights), options), args.num_gpus,
+                                             device_type=torch.device(args.device).type if args.device else None)
+        else:
+            pipe = InfiniteTalkPipeline.from_pretrained(args.weights, device=args.device, **options)
+        result = pipe.generate(request, args.out, show_progress=not args.quiet and (context is None or context.is_main))
+    except (InputError, GenerationError, WeightsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if isinstance(pipe, parallel.MultiGPUPipeline):
+            pipe.close()
+        elif context is not None:
+            parallel.shutdown()
+    if context is not None and not context.is_main:
+        return 0
     print(f"wrote {result.path}: {result.num_frames} frames, {result.duration:.2f} s, "
           f"{result.width}x{result.height}, {result.num_chunks} chunk(s), seed {result.seed}")
     return 0

@@ -44,6 +44,7 @@ from .conditioning import (
     vae_encode,
 )
 from .errors import GenerationCancelled, InputError
+from .parallel import check_token_split, stop_together
 from .sampler import APGState, get_timesteps, make_guided_denoiser, sample_euler
 from .step_cache import StepCache
 
@@ -233,6 +234,15 @@ class InfiniteTalkPipeline:
         self.turbo_loaded = False
         self.turbo_only = False
         self.lora_adapter = None
+        self.parallel = None  # a ParallelContext once the sequence is split over several GPUs
+
+    def enable_sequence_parallel(self, context) -> None:
+        """Split the transformer's tokens over the ranks of ``context`` (:mod:`infinitetalk.parallel`);
+        every rank then runs :meth:`generate` with the same request, rank 0 writes the video."""
+        from .parallel import enable_sequence_parallel
+
+        enable_sequence_parallel(self.transformer, context.world_size)
+        self.parallel = context
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -392,6 +402,8 @@ class InfiniteTalkPipeline:
             height, width = int(req.height), int(req.width)
         else:
             height, width = choose_bucket(src_h, src_w, req.resolution)
+        if self.parallel is not None:
+            check_token_split(height, width, (FRAME_NUM - 1) // 4 + 1, self.parallel.world_size)
         shift = req.shift
 
         # 3. Audio: decode, loudness-normalise, combine speakers, wav2vec2 features.
@@ -414,6 +426,8 @@ class InfiniteTalkPipeline:
                            frame_num=FRAME_NUM, motion_frames=MOTION_FRAMES)
         total_frames = plan.final_frame_count
         seed = int(req.seed) if req.seed is not None else secrets.randbelow(2**31)
+        if self.parallel is not None:
+            seed = self.parallel.broadcast(seed)  # every rank draws the same noise
         logger.info("generating %d frames (%.2f s) at %dx%d in %d chunk(s), seed %d", total_frames,
                     total_frames / FPS, width, height, plan.num_chunks, seed)
 
@@ -449,8 +463,10 @@ class InfiniteTalkPipeline:
         embs = list(embeddings)
         t_loop = time.perf_counter()
         try:
-            with media.VideoWriter(out_path, width, height, fps=FPS, crf=int(req.crf), audio_path=audio_path,
-                                   duration=total_frames / FPS) as writer:
+            main = self.parallel is None or self.parallel.is_main  # other ranks compute, rank 0 writes
+            writer_cls = media.VideoWriter if main else _NoVideo
+            with writer_cls(out_path, width, height, fps=FPS, crf=int(req.crf), audio_path=audio_path,
+                            duration=total_frames / FPS) as writer:
                 for k, start in enumerate(plan.starts):
                     if plan.pad_before[k]:
                         embs = [audio_lib.pad_audio_end(e, plan.pad_before[k]) for e in embs]
@@ -481,8 +497,7 @@ class InfiniteTalkPipeline:
 
                     def on_step(i, n, _x, k=k, step_bar=step_bar):
                         step_bar.update(1)
-                        if callback is not None:
-                            callback(ProgressEvent(k, plan.num_chunks, i + 1, n, frames_done, total_frames))
+                        self._report(callback, ProgressEvent(k, plan.num_chunks, i + 1, n, frames_done, total_frames))
 
                     t_chunk = time.perf_counter()
                     try:
@@ -498,7 +513,8 @@ class InfiniteTalkPipeline:
                     new = video[0] if k == 0 else video[0, :, plan.motion_frames_per_chunk[k]:]
                     keep = min(new.shape[1], total_frames - frames_done)
                     if keep > 0:
-                        writer.write(frames_to_uint8(new[:, :keep]))
+                        if main:
+                            writer.write(frames_to_uint8(new[:, :keep]))
                         frames_done += keep
                     chunk_bar.update(1)
                     if cache is not None:
@@ -507,9 +523,8 @@ class InfiniteTalkPipeline:
                     timings.setdefault("sampling_per_chunk", []).append(t_sampled - t_chunk)
                     timings.setdefault("chunk_seconds", []).append(t_done - t_chunk)
                     del video, new, x0
-                    if callback is not None:
-                        callback(ProgressEvent(k, plan.num_chunks, len(timesteps) - 1, len(timesteps) - 1,
-                                               frames_done, total_frames))
+                    self._report(callback, ProgressEvent(k, plan.num_chunks, len(timesteps) - 1, len(timesteps) - 1,
+                                                         frames_done, total_frames))
                 writer.close()
         finally:
             chunk_bar.close()
@@ -519,6 +534,17 @@ class InfiniteTalkPipeline:
         timings["total"] = time.perf_counter() - t_start
         return GenerationResult(out_path, seed, frames_done, FPS, width, height, plan.num_chunks,
                                 frames_done / FPS, len(mixed) / audio_lib.SAMPLE_RATE, timings)
+
+    def _report(self, callback: ProgressCallback | None, event: ProgressEvent) -> None:
+        """Progress to the caller; its exception (a cancellation) stops the run.  With several GPUs
+        the ranks agree at every step, so all stop at the same one."""
+        error = None
+        if callback is not None:
+            try:
+                callback(event)
+            except BaseException as exc:  # noqa: BLE001 (re-raised by stop_together, after the ranks agree)
+                error = exc
+        stop_together(self.parallel, error)
 
     def _branch_fn(self, y, clip_states, prompt, negative, audio_in, zero_audio, ref_masks, cache=None):
         """``model(x, t, branch)`` for the guidance helper: runs the DiT on one condition set."""
@@ -620,6 +646,25 @@ def compile_transformer(transformer) -> bool:
         return True
     except Exception as exc:  # compile is an optimisation: never fail the server for it
         logger.warning("torch.compile unavailable, running eager: %s", exc)
+        return False
+
+
+class _NoVideo:
+    """The encoder of ranks other than 0 under sequence parallelism: rank 0 writes the video."""
+
+    def __init__(self, path, *_, **__):
+        self.path = Path(path)
+
+    def write(self, frames) -> None:
+        pass
+
+    def close(self) -> Path:
+        return self.path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         return False
 
 

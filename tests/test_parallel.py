@@ -1,0 +1,159 @@
+"""Sequence parallelism on the CPU: 2 and 4 gloo processes must reproduce the single process.
+
+The GPU runs (NCCL, full-size model) are in BENCHMARKS.md; here the same code paths run with
+tiny weights: the transformer split with diffusers' context parallelism (shard boundaries inside
+latent frames, one and two speakers, the step cache), the CLI under ``torchrun``, the CLI with
+``--num-gpus`` (spawned worker ranks) and the multi-GPU pipeline's agreement on cancellation and
+on input errors.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from infinitetalk.errors import GenerationCancelled, InputError
+from infinitetalk.parallel import MultiGPUPipeline, PipelineLoader, check_num_gpus
+from infinitetalk.pipeline import GenerationRequest
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed"),
+    pytest.mark.filterwarnings("ignore:Conversion from CIE-LAB"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
+def _torchrun(nproc: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(_free_port()), *args]
+    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _frames(path: Path) -> np.ndarray:
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                         capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8)
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_transformer_split_over_ranks_equals_single_process(tmp_path, nproc):
+    script = ROOT / "tests" / "parallel_forward.py"
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single.pt")], env=_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    proc = _torchrun(nproc, str(script), str(tmp_path / "split.pt"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = torch.load(tmp_path / "single.pt")
+    out = torch.load(tmp_path / "split.pt")
+    assert int(ref["skipped"]) == int(out["skipped"]) == 1  # the cached call really skipped the blocks
+    for key in ("speakers1", "speakers2", "cached"):
+        assert out[key].shape == ref[key].shape == (1, 16, 5, 8, 12)
+        err = (out[key] - ref[key]).abs().max().item()
+        assert err <= 1e-5 * ref[key].abs().max().item(), (key, err)
+    # The two-speaker path differs from the one-speaker path, so the check above covers it.
+    assert (ref["speakers2"] - ref["speakers1"]).abs().max() > 1e-3
+
+
+def test_cli_torchrun_and_num_gpus_equal_single_process(tiny_weights, portrait, make_speech, tmp_path):
+    speech = make_speech(4.0, "parallel")  # 2 chunks: the context frames cross the chunk boundary
+    common = ["--image", str(portrait), "--audio", str(speech), "--weights", str(tiny_weights), "--width", "64",
+              "--height", "64", "--steps", "2", "--seed", "5", "--quiet"]
+    single = subprocess.run([sys.executable, "-m", "infinitetalk", *common, "--out", str(tmp_path / "single.mp4")],
+                            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    split = _torchrun(2, "-m", "infinitetalk", *common, "--out", str(tmp_path / "torchrun.mp4"), cwd=tmp_path)
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert split.stdout.count("wrote ") == 1  # only rank 0 reports (and writes)
+    spawned = subprocess.run([sys.executable, "-m", "infinitetalk", *common, "--num-gpus", "2", "--device", "cpu",
+                              "--out", str(tmp_path / "spawned.mp4")],
+                             cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert spawned.returncode == 0, spawned.stderr[-3000:]
+    ref = _frames(tmp_path / "single.mp4")
+    assert ref.size == 64 * 64 * 3 * int(single.stdout.split(": ")[1].split(" frames")[0])
+    for name in ("torchrun.mp4", "spawned.mp4"):
+        frames = _frames(tmp_path / name)
+        assert frames.shape == ref.shape
+        assert np.abs(frames.astype(int) - ref.astype(int)).max() <= 1, name
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["single.mp4", "spawned.mp4", "torchrun.mp4"]
+
+
+def test_multi_gpu_pipeline_stops_all_ranks_together(tiny_weights, portrait, make_speech, tmp_path):
+    speech = make_speech(2.0, "parallel-cancel")
+    pipe = MultiGPUPipeline(PipelineLoader(str(tiny_weights), {}), 2, device_type="cpu")
+    try:
+        base = dict(image=portrait, audio=speech, width=64, height=64, steps=3, seed=1)
+
+        def cancel_at_second_step(event):
+            if event.step == 2:
+                raise GenerationCancelled("cancelled by the user")
+
+        with pytest.raises(GenerationCancelled, match="by the user"):
+            pipe.generate(GenerationRequest(**base), tmp_path / "cancelled.mp4", callback=cancel_at_second_step,
+                          show_progress=False)
+        # A size whose tokens do not split over 2 ranks is refused on every rank, with the limit named.
+        with pytest.raises(InputError, match="multiples of 32"):
+            pipe.generate(GenerationRequest(**dict(base, width=80, height=80)), tmp_path / "odd.mp4",
+                          show_progress=False)
+        # The group is still in step: the next request runs to the end.
+        result = pipe.generate(GenerationRequest(**dict(base, steps=1)), tmp_path / "ok.mp4", show_progress=False)
+        assert result.num_frames == 50 and (tmp_path / "ok.mp4").stat().st_size > 0
+        assert not (tmp_path / "cancelled.mp4").exists()
+    finally:
+        pipe.close()
+    assert all(not p.is_alive() for p in pipe._procs)
+
+
+@pytest.mark.parametrize("n", [0, 3, 5, 16])
+def test_unsupported_gpu_counts_are_refused(n):
+    with pytest.raises(ValueError, match="num_gpus must be one of"):
+        check_num_gpus(n)
+
+
+@pytest.mark.parametrize("value, expected", [(None, 1), ("auto", 1), ("1", 1), ("2", 1), ("8", 1)])
+def test_num_gpus_setting_is_ignored_without_several_gpus(monkeypatch, value, expected):
+    # This machine has no GPU: every setting falls back to the plain one-process pipeline.
+    from infinitetalk.parallel import num_gpus_from_env
+
+    if value is None:
+        monkeypatch.delenv("INFINITETALK_NUM_GPUS", raising=False)
+    else:
+        monkeypatch.setenv("INFINITETALK_NUM_GPUS", value)
+    assert num_gpus_from_env() == expected
+
+
+def test_num_gpus_setting_lowered_to_visible_gpus(monkeypatch):
+    from infinitetalk import parallel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 6)
+    monkeypatch.setenv("INFINITETALK_NUM_GPUS", "auto")
+    assert parallel.num_gpus_from_env() == 4  # 6 visible: 4 split the heads and every bucket evenly
+    monkeypatch.setenv("INFINITETALK_NUM_GPUS", "8")
+    assert parallel.num_gpus_from_env() == 4
+    monkeypatch.setenv("INFINITETALK_NUM_GPUS", "2")
+    assert parallel.num_gpus_from_env() == 2
+    for bad in ("3", "two"):
+        monkeypatch.setenv("INFINITETALK_NUM_GPUS", bad)
+        with pytest.raises(ValueError, match="INFINITETALK_NUM_GPUS|num_gpus must be one of"):
+            parallel.num_gpus_from_env()
