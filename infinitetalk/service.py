@@ -334,18 +334,24 @@ def load_pipeline(log: Callable[[str], None] = _log):
     """Load every model once (GPU when present, else CPU), fetching the weights first if absent.
 
     The weights folder is ``$INFINITETALK_WEIGHTS`` or ``weights/``; server switches come from
-    :func:`infinitetalk.pipeline.options_from_env`. Afterwards the Hub clients are switched off
+    :func:`infinitetalk.pipeline.options_from_env` and, for several GPUs,
+    :func:`infinitetalk.parallel.num_gpus_from_env`. Afterwards the Hub clients are switched off
     for this process: nothing may reach for the network during a job.
     """
     from .download import default_weights_dir, ensure_weights
+    from .parallel import MultiGPUPipeline, PipelineLoader, num_gpus_from_env
     from .pipeline import InfiniteTalkPipeline, options_from_env
 
     t0 = time.perf_counter()
     weights = ensure_weights(default_weights_dir(), log=log)
     t_fetch = time.perf_counter() - t0
-    pipe = InfiniteTalkPipeline.from_pretrained(weights, **options_from_env())
+    num_gpus = num_gpus_from_env()
+    if num_gpus > 1:  # each forward split over the GPUs (sequence parallel); rank 0 is this process
+        pipe = MultiGPUPipeline(PipelineLoader(str(weights), options_from_env()), num_gpus)
+    else:
+        pipe = InfiniteTalkPipeline.from_pretrained(weights, **options_from_env())
     timings = getattr(pipe, "load_timings", {})
-    log(f"setup: loaded InfiniteTalk from {weights} on {pipe.device} ({pipe.dtype}) in "
+    log(f"setup: loaded InfiniteTalk from {weights} on {pipe.device} ({pipe.dtype}, {num_gpus} GPU(s)) in "
         f"{time.perf_counter() - t0:.1f}s (weights check/download {t_fetch:.1f}s; "
         + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if isinstance(v, (int, float))) + ")")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
