@@ -119,9 +119,14 @@ class _Bench:
         from infinitetalk import media
         from infinitetalk.pipeline import InfiniteTalkPipeline, compile_transformer
 
+        from infinitetalk import parallel
+
         self.env = _env()
         self.smoke = os.environ.get("BENCH_SMOKE") == "1"  # CPU dry run of the whole flow with tiny components
-        self.device = torch.device("cpu" if self.smoke else "cuda")
+        self.context = parallel.init_from_env()  # under torchrun: the transformer split over the GPUs
+        self.num_gpus = 1 if self.context is None else self.context.world_size
+        self.main = self.context is None or self.context.is_main
+        self.device = torch.device("cpu" if self.smoke else "cuda") if self.context is None else self.context.device
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
         subprocess.run([sys.executable, str(HERE / "make_tiny_weights.py"), str(self.tmp / "tiny")], check=True,
                        stdout=subprocess.DEVNULL)
@@ -142,6 +147,8 @@ class _Bench:
             self.pipe = InfiniteTalkPipeline(transformer, vae, t5, tok, clip, audio, device=self.device,
                                              dtype=torch.bfloat16)
         self.pipe.turbo_loaded = True  # the distilled LoRA fused into the weights costs nothing at run time
+        if self.context is not None:
+            self.pipe.enable_sequence_parallel(self.context)
         try:
             from skimage import data
 
@@ -177,6 +184,10 @@ class _Bench:
 
     def close(self):
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.context is not None:
+            from infinitetalk import parallel
+
+            parallel.shutdown()
 
 
 def _chunk_record(b: _Bench, mode: str, res: str, h: int, w: int, result, wall: float, steps: int,
@@ -190,12 +201,13 @@ def _chunk_record(b: _Bench, mode: str, res: str, h: int, w: int, result, wall: 
     nfe = 3 if tg != 1.0 else (2 if ag != 1.0 else 1)
     fl = forward_flops(FULL_CONFIG, h, w)
     rec = dict(
-        b.env, mode=mode, resolution=res, width=w, height=h, speakers=1, steps=steps_reported,
+        b.env, mode=mode, num_gpus=b.num_gpus, resolution=res, width=w, height=h, speakers=1, steps=steps_reported,
         forwards_per_step=nfe, steps_measured=steps, vae_dtype=str(b.vae_dtype).replace("torch.", ""),
         ffmpeg_encoder=b.has_ffmpeg and not b.keep_frames,
         seconds_per_forward=round(per_step / nfe, 3), seconds_per_step=round(per_step, 3),
         chunk_overhead_seconds=round(overhead, 3), seconds_per_chunk=round(chunk_reported, 2),
-        gpu_seconds_per_video_second=round(chunk_reported / (NEW_FRAMES_PER_CHUNK / VIDEO_FPS), 2),
+        gpu_seconds_per_video_second=round(chunk_reported * b.num_gpus / (NEW_FRAMES_PER_CHUNK / VIDEO_FPS), 2),
+        wall_seconds_per_video_second=round(chunk_reported / (NEW_FRAMES_PER_CHUNK / VIDEO_FPS), 2),
         floor_seconds_per_forward=round(fl["floor_seconds"], 3),
         conditioning_seconds=round(tm.get("conditioning", 0.0), 2), measured_wall_seconds=round(wall, 1),
         peak_memory_gb=b.peak_gb(),
@@ -218,13 +230,14 @@ def bench_chunk(args) -> list[dict]:
             result, wall, _ = b.run(req, f"{mode}-{res}")
             rec = _chunk_record(b, mode, res, h, w, result, wall, steps, steps_reported, tg, ag,
                                 compiled=bool(getattr(args, "compile", False)))
-            print(rec, flush=True)
+            if b.main:
+                print(rec, flush=True)
             records.append(rec)
             b.cleanup()
-    if not b.smoke:
+    if not b.smoke and b.context is None:
         records += _vae_precision(b.pipe.vae, b.device, args.resolutions)
     b.close()
-    return records
+    return records if b.main else []
 
 
 def _errors(frames: np.ndarray, ref: np.ndarray) -> dict:

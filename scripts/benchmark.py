@@ -11,6 +11,8 @@ chunk loop of the pipeline.
 Usage:
     python scripts/benchmark.py forward --resolutions 480p,720p --backends native,_native_cudnn
     python scripts/benchmark.py chunk --modes exact,turbo
+    python scripts/benchmark.py parallel --ref /tmp/ref.pt        # one GPU: reference outputs, times
+    torchrun --nproc-per-node 2 scripts/benchmark.py parallel --ref /tmp/ref.pt
 Results: a table on stdout and a JSON list of records (``--json PATH``).
 """
 
@@ -210,7 +212,7 @@ def _forward_sweep(args, model, env, layers, variant, refs) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="InfiniteTalk GPU benchmark")
-    ap.add_argument("what", choices=["forward", "chunk", "approx", "memory", "setup"])
+    ap.add_argument("what", choices=["forward", "chunk", "approx", "memory", "setup", "parallel"])
     ap.add_argument("--scratch", default="/tmp/infinitetalk-setup-bench", help="setup: where to write weights")
     ap.add_argument("--resolutions", default="480p", type=lambda s: s.split(","))
     ap.add_argument("--backends", default="_native_cudnn", type=lambda s: s.split(","))
@@ -219,7 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="build fewer blocks and extrapolate (memory/time)")
     ap.add_argument("--variants", default="eager", type=lambda s: s.split(","),
                     help="forward: eager, compile, fp8-storage (applied in order to one model)")
-    ap.add_argument("--ref", type=Path, default=None, help="file holding eager outputs to compute errors against")
+    ap.add_argument("--ref", type=Path, default=None,
+                    help="forward/parallel: file holding the reference (eager / one-GPU) outputs to compare with")
     ap.add_argument("--compile", action="store_true", help="chunk: regional torch.compile of the blocks")
     ap.add_argument("--vae-bf16", action="store_true", help="chunk: run the VAE in bf16")
     ap.add_argument("--approx", default="cache,fp8", type=lambda s: s.split(","),
@@ -247,6 +250,14 @@ def main(argv=None) -> int:
         from bench_chunk import bench_chunk  # kept apart: needs the pipeline
 
         records = bench_chunk(args)
+        if not records:  # ranks other than 0 under torchrun
+            return 0
+    elif args.what == "parallel":  # run once plainly and once under torchrun, same --ref
+        from bench_parallel import bench_parallel
+
+        records = bench_parallel(args)
+        if not records:  # ranks other than 0
+            return 0
     elif args.what == "approx":
         from bench_chunk import bench_approx
 
@@ -268,9 +279,9 @@ def main(argv=None) -> int:
 
 
 def print_table(records: list[dict]) -> None:
-    cols = ["mode", "variant", "resolution", "speakers", "backend", "seconds_per_forward", "achieved_tflops",
+    cols = ["mode", "variant", "num_gpus", "resolution", "speakers", "backend", "seconds_per_forward", "achieved_tflops",
             "floor_seconds_per_forward", "ratio_to_floor", "seconds_per_chunk", "gpu_seconds_per_video_second",
-            "peak_memory_gb", "rel_l2_vs_eager_bf16"]
+            "peak_memory_gb", "rel_l2_vs_eager_bf16", "speedup_vs_1gpu", "rel_l2_vs_1gpu"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in records:
