@@ -216,3 +216,36 @@ def test_audio_that_is_an_image_fails_cleanly(predictor, portrait):
         predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(portrait)))
     assert "Traceback" not in str(err.value)
     assert _run_dirs() <= before
+
+
+def test_two_rank_predictor_gives_the_same_video(predictor, tiny_weights, portrait, make_speech, monkeypatch):
+    """INFINITETALK_NUM_GPUS > 1 on a multi-GPU machine: setup() starts the worker rank(s) and every
+    prediction is split over them (here 2 gloo ranks on the CPU); the video equals one rank's."""
+    import subprocess
+
+    import numpy as np
+
+    from infinitetalk import parallel
+
+    def frames(path):
+        raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                             capture_output=True, check=True).stdout
+        return np.frombuffer(raw, np.uint8).astype(int)
+
+    speech = make_speech(1.6, "predict_two_ranks")
+    ref = frames(predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech))))
+    monkeypatch.setattr(parallel, "num_gpus_from_env", lambda: 2)
+    monkeypatch.setenv("INFINITETALK_WEIGHTS", str(tiny_weights))
+    p = predict.Predictor()
+    try:
+        p.setup()
+        assert isinstance(p.pipe, parallel.MultiGPUPipeline) and p.pipe.num_gpus == 2
+        out = p.run(**args(image=cog.Path(portrait), audio=cog.Path(speech)))
+        got = frames(out)
+        assert got.shape == ref.shape and np.abs(got - ref).max() <= 1
+    finally:
+        if isinstance(getattr(p, "pipe", None), parallel.MultiGPUPipeline):
+            p.pipe.close()
+        p._cleanup_previous()
+        os.environ.pop("HF_HUB_OFFLINE", None)
+        os.environ.pop("TRANSFORMERS_OFFLINE", None)
