@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="smaller GPUs: fp8 weight storage, or block offloading from CPU memory (default none)")
     ap.add_argument("--compile", action="store_true", help="regional torch.compile (GPU: ~13%% faster forwards)")
     ap.add_argument("--num-gpus", type=int, default=1,
-                    help="split each forward over this many GPUs of this host (1, 2, 4 or 8; default 1); "
-                         "alternatively start the CLI with torchrun --nproc-per-node N")
+                    help="split each forward over this many GPUs of this host (1, 2, 4 or 8; default 1; lowered "
+                         "to the GPUs present); alternatively start the CLI with torchrun --nproc-per-node N")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
@@ -92,12 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         request.validate()
         context = parallel.init_from_env()  # started by torchrun with several processes
+        on_cpu = bool(args.device) and torch.device(args.device).type == "cpu"  # --num-gpus N: N gloo ranks
+        num_gpus = args.num_gpus if on_cpu or args.num_gpus <= 1 else parallel.usable_num_gpus(args.num_gpus)
         if context is not None:
             pipe = InfiniteTalkPipeline.from_pretrained(args.weights, device=context.device, **options)
             pipe.enable_sequence_parallel(context)
-        elif args.num_gpus > 1:
-            pipe = parallel.MultiGPUPipeline(parallel.PipelineLoader(str(args.weights), options), args.num_gpus,
-                                             device_type=torch.device(args.device).type if args.device else None)
+        elif num_gpus > 1:  # lowered to 1 (no parallelism) on a one-GPU machine
+            pipe = parallel.MultiGPUPipeline(parallel.PipelineLoader(str(args.weights), options), num_gpus,
+                                             device_type="cpu" if on_cpu else None)
         else:
             pipe = InfiniteTalkPipeline.from_pretrained(args.weights, device=args.device, **options)
         result = pipe.generate(request, args.out, show_progress=not args.quiet and (context is None or context.is_main))

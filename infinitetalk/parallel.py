@@ -80,24 +80,31 @@ def check_num_gpus(num_gpus: int, available: int | None = None) -> None:
         raise ValueError(f"num_gpus is {num_gpus} but only {available} GPU(s) are visible")
 
 
-def num_gpus_from_env() -> int:
-    """``INFINITETALK_NUM_GPUS`` for the servers: ``auto`` (default) uses the largest supported count
-    of visible GPUs; a number larger than the GPUs present is lowered the same way (so one setting
-    serves any machine, and one GPU means no parallelism)."""
-    value = os.environ.get("INFINITETALK_NUM_GPUS", "auto").strip().lower()
+def usable_num_gpus(wanted: int | None = None) -> int:
+    """``wanted`` GPUs (None: as many as possible), lowered to the largest supported count of
+    visible GPUs, so one setting serves any machine and one GPU means no parallelism."""
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    usable = max((n for n in SUPPORTED_NUM_GPUS if n <= max(visible, 1)), default=1)
-    if value == "auto":
+    usable = max(n for n in SUPPORTED_NUM_GPUS if n <= max(visible, 1))
+    if wanted is None:
         return usable
+    check_num_gpus(wanted)
+    if wanted > usable:
+        logger.warning("%d GPUs asked for but %d visible: using %d", wanted, visible, usable)
+        return usable
+    return wanted
+
+
+def num_gpus_from_env() -> int:
+    """``INFINITETALK_NUM_GPUS`` for the servers: ``auto`` (default) or 1, 2, 4, 8, through
+    :func:`usable_num_gpus`."""
+    value = os.environ.get("INFINITETALK_NUM_GPUS", "auto").strip().lower()
+    if value == "auto":
+        return usable_num_gpus()
     try:
         wanted = int(value)
     except ValueError:
         raise ValueError(f"INFINITETALK_NUM_GPUS must be 'auto' or one of {SUPPORTED_NUM_GPUS}, got {value!r}") from None
-    check_num_gpus(wanted)
-    if wanted > usable:
-        logger.warning("INFINITETALK_NUM_GPUS=%d but %d GPU(s) are visible: using %d", wanted, visible, usable)
-        return usable
-    return wanted
+    return usable_num_gpus(wanted)
 
 
 def init_distributed(rank: int, world_size: int, device_type: str, init_method: str = "env://") -> ParallelContext:
@@ -330,4 +337,5 @@ __all__ = [
     "num_gpus_from_env",
     "shutdown",
     "stop_together",
+    "usable_num_gpus",
 ]

@@ -109,6 +109,17 @@ def test_cli_invalid_options_fail_before_loading(fake_pipeline, tmp_path, capsys
     assert "weights" not in fake_pipeline  # rejected before the (slow) model load
 
 
+def test_cli_num_gpus_is_lowered_without_gpus_and_checked(fake_pipeline, tmp_path, capsys):
+    out = str(tmp_path / "o.mp4")
+    # No GPU here: --num-gpus 2 falls back to the one-process pipeline (the same load as without it).
+    assert cli.main(["--image", "p.png", "--audio", "a.wav", "--out", out, "--num-gpus", "2"]) == 0
+    assert fake_pipeline["weights"] == Path("weights") and "request" in fake_pipeline
+    fake_pipeline.clear()
+    assert cli.main(["--image", "p.png", "--audio", "a.wav", "--out", out, "--num-gpus", "3"]) == 2
+    assert "num_gpus must be one of (1, 2, 4, 8)" in capsys.readouterr().err
+    assert "weights" not in fake_pipeline
+
+
 @pytest.mark.parametrize("argv", [
     ["--image", "p.png", "--video", "v.mp4", "--audio", "a.wav", "--out", "o.mp4"],  # both references
     ["--audio", "a.wav", "--out", "o.mp4"],  # no reference
