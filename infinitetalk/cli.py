@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    for flag, path in (("--image", args.image), ("--video", args.video), ("--audio", args.audio),
+                       ("--audio2", args.audio2)):
+        if path is not None and not path.is_file():
+            raise InputError(f"{flag} file not found: {path}")
+    if not args.out.parent.is_dir():
+        raise InputError(f"--out folder does not exist: {args.out.parent}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     context = pipe = None
     try:
         request.validate()
+        _check_paths(args)  # before the model load (about a minute with real weights)
         context = parallel.init_from_env()  # started by torchrun with several processes
         on_cpu = bool(args.device) and torch.device(args.device).type == "cpu"  # --num-gpus N: N gloo ranks
         num_gpus = args.num_gpus if on_cpu or args.num_gpus <= 1 else parallel.usable_num_gpus(args.num_gpus)

@@ -42,9 +42,13 @@ def test_cli_end_to_end(tiny_weights, portrait, make_speech, tmp_path):
 
 
 @pytest.fixture
-def fake_pipeline(monkeypatch):
-    """Replace model loading: record the load arguments and the request instead of generating."""
+def fake_pipeline(monkeypatch, tmp_path):
+    """Replace model loading: record the load arguments and the request instead of generating.
+    Runs in ``tmp_path``, where the (empty) input files the tests name exist."""
     seen: dict = {}
+    monkeypatch.chdir(tmp_path)
+    for name in ("p.png", "a.wav", "b.wav", "in.mp4"):
+        (tmp_path / name).touch()
 
     class Fake:
         def generate(self, request, output_path, show_progress=True, callback=None):
@@ -134,10 +138,25 @@ def test_cli_usage_errors(argv, capsys):
 
 
 def test_cli_missing_weights(tmp_path, portrait, capsys):
-    rc = cli.main(["--image", str(portrait), "--audio", "a.wav", "--out", str(tmp_path / "o.mp4"),
+    (tmp_path / "a.wav").touch()
+    rc = cli.main(["--image", str(portrait), "--audio", str(tmp_path / "a.wav"), "--out", str(tmp_path / "o.mp4"),
                    "--weights", str(tmp_path / "nowhere"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "error: weights folder is incomplete" in err and "download_weights.py" in err
+
+
+@pytest.mark.parametrize("which, message", [
+    ("image", "--image file not found: missing.png"),
+    ("audio", "--audio file not found: missing.wav"),
+    ("out", "--out folder does not exist: nodir"),
+])
+def test_cli_missing_files_fail_before_loading(fake_pipeline, capsys, which, message):
+    argv = {"image": "p.png", "audio": "a.wav", "out": "o.mp4"}
+    argv[which] = {"image": "missing.png", "audio": "missing.wav", "out": "nodir/o.mp4"}[which]
+    rc = cli.main(["--image", argv["image"], "--audio", argv["audio"], "--out", argv["out"]])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == f"error: {message}", err
+    assert "weights" not in fake_pipeline  # no model load for a typo
 
 
 def test_cli_bad_input_file_is_one_line(tiny_weights, make_speech, tmp_path, capsys):
