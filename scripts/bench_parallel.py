@@ -30,6 +30,11 @@ def bench_parallel(args) -> list[dict]:
     env = _env()
     torch.manual_seed(0)  # identical random weights on every rank and in the one-GPU run
     model = build_random_model(FULL_CONFIG, num_layers=args.layers)
+    if args.memory_mode != "none":  # as from_pretrained does: memory mode first, then the split
+        from infinitetalk.pipeline import apply_memory_mode
+
+        apply_memory_mode(model, args.memory_mode, model.device, model.dtype)
+        torch.cuda.empty_cache()
     if context is not None:
         parallel.enable_sequence_parallel(model, world)
     refs = torch.load(args.ref, weights_only=False) if args.ref and args.ref.exists() else {}
@@ -43,9 +48,10 @@ def bench_parallel(args) -> list[dict]:
                 sec = time_cuda(lambda: model(*inputs, ref_target_masks=masks, return_dict=False),
                                 args.warmup, args.repeats)
                 out = model(*inputs, ref_target_masks=masks, return_dict=False)[0].float().cpu()
-            key = f"{res}-{speakers}"
+            key = f"{res}-{speakers}-{args.memory_mode}"
             fl = forward_flops(FULL_CONFIG, h, w, speakers=speakers)
             rec = dict(env, mode="forward-sequence-parallel", num_gpus=world, backend="native",
+                       memory_mode=args.memory_mode,
                        parallelism="ulysses" if world > 1 else "none", resolution=res, width=w, height=h,
                        speakers=speakers, layers_measured=model.config.num_layers, seconds_per_forward=round(sec, 4),
                        floor_seconds_per_forward=round(fl["floor_seconds"] / world, 4),

@@ -225,6 +225,8 @@ def main(argv=None) -> int:
                     help="forward/parallel: file holding the reference (eager / one-GPU) outputs to compare with")
     ap.add_argument("--compile", action="store_true", help="chunk: regional torch.compile of the blocks")
     ap.add_argument("--vae-bf16", action="store_true", help="chunk: run the VAE in bf16")
+    ap.add_argument("--memory-mode", default="none", choices=["none", "fp8", "offload"],
+                    help="parallel: memory mode applied before the split")
     ap.add_argument("--approx", default="cache,fp8", type=lambda s: s.split(","),
                     help="approx: which approximations to measure against the exact bf16 path")
     ap.add_argument("--size", default="320x320", type=lambda s: tuple(int(x) for x in s.split("x")),
