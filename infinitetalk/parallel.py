@@ -27,6 +27,7 @@ import queue
 import secrets
 import socket
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -255,14 +256,26 @@ class MultiGPUPipeline:
             raise AttributeError(name)
         return getattr(self.pipeline, name)
 
-    def _collect(self, expect: str, timeout: float | None) -> list[str]:
+    def _check_workers(self, timed_out: bool = False) -> None:
+        dead = [(rank, p.exitcode) for rank, p in enumerate(self._procs, start=1) if not p.is_alive()]
+        if dead or timed_out:
+            self._broken = True
+            what = f"GPU worker {dead[0][0]} exited (code {dead[0][1]})" if dead else "a GPU worker stopped answering"
+            raise RuntimeError(f"{what}; restart the server")
+
+    def _next_result(self, timeout: float):
+        """The next worker message; fails fast when a worker process died (killed, crashed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._results.get(timeout=1.0)
+            except queue.Empty:
+                self._check_workers(timed_out=time.monotonic() > deadline)
+
+    def _collect(self, expect: str, timeout: float) -> list[str]:
         problems = []
         for _ in self._procs:
-            try:
-                rank, status, detail = self._results.get(timeout=timeout)
-            except queue.Empty:
-                self._broken = True
-                raise RuntimeError("a GPU worker stopped answering; restart the server") from None
+            rank, status, detail = self._next_result(timeout)
             if status == "failed":
                 raise RuntimeError(f"GPU worker {rank} failed to start: {detail}")
             if status != expect:
@@ -272,6 +285,7 @@ class MultiGPUPipeline:
     def generate(self, request, output_path, callback=None, show_progress: bool = True):
         if self._closed or self._broken:
             raise RuntimeError("the multi-GPU pipeline is not running; restart the server")
+        self._check_workers()  # a worker killed between predictions (e.g. by the OOM killer)
         if request.seed is None:  # every rank must draw the same noise
             request = replace(request, seed=secrets.randbelow(2**31))
         for q in self._jobs:

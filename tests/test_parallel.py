@@ -100,7 +100,7 @@ def test_cli_torchrun_and_num_gpus_equal_single_process(tiny_weights, portrait, 
 
 def test_multi_gpu_pipeline_stops_all_ranks_together(tiny_weights, portrait, make_speech, tmp_path):
     speech = make_speech(2.0, "parallel-cancel")
-    pipe = MultiGPUPipeline(PipelineLoader(str(tiny_weights), {}), 2, device_type="cpu")
+    pipe = MultiGPUPipeline(PipelineLoader(str(tiny_weights), {}), 2, device_type="cpu", ready_timeout=300)
     try:
         base = dict(image=portrait, audio=speech, width=64, height=64, steps=3, seed=1)
 
@@ -119,6 +119,13 @@ def test_multi_gpu_pipeline_stops_all_ranks_together(tiny_weights, portrait, mak
         result = pipe.generate(GenerationRequest(**dict(base, steps=1)), tmp_path / "ok.mp4", show_progress=False)
         assert result.num_frames == 50 and (tmp_path / "ok.mp4").stat().st_size > 0
         assert not (tmp_path / "cancelled.mp4").exists()
+        # A worker that died between predictions is reported at once, not after a collective timeout.
+        pipe._procs[0].kill()
+        pipe._procs[0].join(timeout=30)
+        with pytest.raises(RuntimeError, match=r"GPU worker 1 exited .*restart the server"):
+            pipe.generate(GenerationRequest(**base), tmp_path / "late.mp4", show_progress=False)
+        with pytest.raises(RuntimeError, match="not running"):
+            pipe.generate(GenerationRequest(**base), tmp_path / "later.mp4", show_progress=False)
     finally:
         pipe.close()
     assert all(not p.is_alive() for p in pipe._procs)
