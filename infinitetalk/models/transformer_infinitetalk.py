@@ -218,9 +218,9 @@ def reference_attention_map(
     cos, sin = rotary_emb
     query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (heads, -1))
     query = _apply_rope_3d(query, cos, sin)
+    if hidden_states.shape[1] < s:  # shards are equal: every rank stops here, none waits in the broadcast
+        raise ValueError(f"a shard of {hidden_states.shape[1]} tokens is shorter than one frame ({s}): use fewer GPUs")
     if shard is None or shard.start == 0:
-        if hidden_states.shape[1] < s:
-            raise ValueError(f"the first shard holds {hidden_states.shape[1]} tokens, fewer than one frame ({s})")
         key = attn.norm_k(attn.to_k(hidden_states[:, :s])).unflatten(2, (heads, -1))
         key = _apply_rope_3d(key, cos[:, :s], sin[:, :s]).contiguous()
     else:
