@@ -24,11 +24,10 @@ import logging
 import multiprocessing as mp
 import os
 import queue
-import secrets
 import socket
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
@@ -286,9 +285,7 @@ class MultiGPUPipeline:
         if self._closed or self._broken:
             raise RuntimeError("the multi-GPU pipeline is not running; restart the server")
         self._check_workers()  # a worker killed between predictions (e.g. by the OOM killer)
-        if request.seed is None:  # every rank must draw the same noise
-            request = replace(request, seed=secrets.randbelow(2**31))
-        for q in self._jobs:
+        for q in self._jobs:  # a missing seed is drawn by rank 0 and broadcast inside generate()
             q.put(request)
         try:
             result = self.pipeline.generate(request, output_path, callback=callback, show_progress=show_progress)

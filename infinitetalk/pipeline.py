@@ -44,7 +44,7 @@ from .conditioning import (
     vae_encode,
 )
 from .errors import GenerationCancelled, InputError
-from .parallel import check_token_split, stop_together
+from .parallel import check_token_split, enable_sequence_parallel, stop_together
 from .sampler import APGState, get_timesteps, make_guided_denoiser, sample_euler
 from .step_cache import StepCache
 
@@ -239,8 +239,6 @@ class InfiniteTalkPipeline:
     def enable_sequence_parallel(self, context) -> None:
         """Split the transformer's tokens over the ranks of ``context`` (:mod:`infinitetalk.parallel`);
         every rank then runs :meth:`generate` with the same request, rank 0 writes the video."""
-        from .parallel import enable_sequence_parallel
-
         enable_sequence_parallel(self.transformer, context.world_size)
         self.parallel = context
 

@@ -345,11 +345,11 @@ def load_pipeline(log: Callable[[str], None] = _log):
     t0 = time.perf_counter()
     weights = ensure_weights(default_weights_dir(), log=log)
     t_fetch = time.perf_counter() - t0
-    num_gpus = num_gpus_from_env()
+    num_gpus, options = num_gpus_from_env(), options_from_env()
     if num_gpus > 1:  # each forward split over the GPUs (sequence parallel); rank 0 is this process
-        pipe = MultiGPUPipeline(PipelineLoader(str(weights), options_from_env()), num_gpus)
+        pipe = MultiGPUPipeline(PipelineLoader(str(weights), options), num_gpus)
     else:
-        pipe = InfiniteTalkPipeline.from_pretrained(weights, **options_from_env())
+        pipe = InfiniteTalkPipeline.from_pretrained(weights, **options)
     timings = getattr(pipe, "load_timings", {})
     log(f"setup: loaded InfiniteTalk from {weights} on {pipe.device} ({pipe.dtype}, {num_gpus} GPU(s)) in "
         f"{time.perf_counter() - t0:.1f}s (weights check/download {t_fetch:.1f}s; "
