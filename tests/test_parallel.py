@@ -23,6 +23,9 @@ from infinitetalk.errors import GenerationCancelled, InputError
 from infinitetalk.parallel import MultiGPUPipeline, PipelineLoader, check_num_gpus
 from infinitetalk.pipeline import GenerationRequest
 
+from decoding import decode_frames  # noqa: E402  (tests/ is on sys.path for test modules)
+from loopback import free_port  # noqa: E402
+
 pytestmark = [
     pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed"),
     pytest.mark.filterwarnings("ignore:Conversion from CIE-LAB"),
@@ -38,22 +41,12 @@ def _env() -> dict:
 
 def _torchrun(nproc: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(_free_port()), *args]
+           "--master-port", str(free_port()), *args]
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _frames(path: Path) -> np.ndarray:
-    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-                         capture_output=True, check=True).stdout
-    return np.frombuffer(raw, np.uint8)
+    return np.frombuffer(decode_frames(path), np.uint8)
 
 
 @pytest.mark.parametrize("nproc", [2, 4])

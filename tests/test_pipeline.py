@@ -24,6 +24,8 @@ from infinitetalk.errors import InputError
 from infinitetalk.media import VideoFrameReader, ffprobe_streams
 from infinitetalk.pipeline import GenerationRequest, InfiniteTalkPipeline
 
+from decoding import decode_frames  # noqa: E402  (tests/ is on sys.path for test modules)
+
 pytestmark = [
     pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed"),
     pytest.mark.filterwarnings("ignore:Conversion from CIE-LAB"),  # skimage, colour correction of noise
@@ -57,14 +59,6 @@ def check_mp4(path: Path, seconds: float, width: int = SIZE, height: int = SIZE)
     for name, d in (("video", v["duration"]), ("audio", a["duration"]), ("container", info["format_duration"])):
         assert d is not None and abs(d - seconds) <= FRAME + 1e-3, f"{name} duration {d} != {seconds:.3f} s ({info})"
     return info
-
-
-def decode_frames(path: Path) -> bytes:
-    """All frames of ``path`` as raw rgb24 bytes (ffmpeg decode)."""
-    res = subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:v:0",
-                          "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"], capture_output=True, check=True)
-    assert len(res.stdout) > 0
-    return res.stdout
 
 
 def request(image: Path, audio: Path, **kw) -> GenerationRequest:

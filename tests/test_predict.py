@@ -221,16 +221,13 @@ def test_audio_that_is_an_image_fails_cleanly(predictor, portrait):
 def test_two_rank_predictor_gives_the_same_video(predictor, tiny_weights, portrait, make_speech, monkeypatch):
     """INFINITETALK_NUM_GPUS > 1 on a multi-GPU machine: setup() starts the worker rank(s) and every
     prediction is split over them (here 2 gloo ranks on the CPU); the video equals one rank's."""
-    import subprocess
-
     import numpy as np
 
+    from decoding import decode_frames
     from infinitetalk import parallel
 
     def frames(path):
-        raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
-                             capture_output=True, check=True).stdout
-        return np.frombuffer(raw, np.uint8).astype(int)
+        return np.frombuffer(decode_frames(path), np.uint8).astype(int)
 
     speech = make_speech(1.6, "predict_two_ranks")
     ref = frames(predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech))))
