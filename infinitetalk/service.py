@@ -2,12 +2,10 @@
 
 One place for what a service does around :meth:`InfiniteTalkPipeline.generate`:
 
-* :data:`INPUTS`: the public inputs, their types, defaults and ranges (the Cog ``Input()``
-  declarations in ``predict.py`` must be literals for cog's static parser; a test checks that
-  they agree with this table);
-* :func:`build_request`: a job's inputs (a dict with those names) -> a validated
-  :class:`GenerationRequest` (types, ranges, boxes, quality -> CRF, the max-duration cap, the
-  seed choice), raising :class:`InputError` with one line that names the input;
+* :data:`INPUTS` and :func:`build_request` (re-exported from :mod:`infinitetalk.request`, the one
+  rule table): a job's named inputs -> a validated :class:`GenerationRequest`, or an
+  :class:`InputError` with one line that names the input (the Cog ``Input()`` literals in
+  ``predict.py`` are checked against the table by a test);
 * :func:`run_job`: build, fetch the input files (optional hook), generate into a per-run folder,
   report progress (metrics and snapshots), rename file names in input errors to the input's name,
   and remove the folder on any failure or cancellation;
@@ -16,9 +14,7 @@ One place for what a service does around :meth:`InfiniteTalkPipeline.generate`:
 
 from __future__ import annotations
 
-import math
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -29,172 +25,22 @@ from typing import Any
 
 from .errors import GenerationCancelled, InputError
 from .inputs import name_inputs
-from .pipeline import DEFAULT_PROMPT, FPS, GenerationRequest, GenerationResult, ProgressEvent
-
-#: Longest video one job makes, in seconds; longer audio is cut (and max_duration is capped to it).
-MAX_VIDEO_SECONDS = 600.0
-MAX_SEED = 4294967295  # 2**32 - 1
-#: Inputs that are files (local paths for Cog; URLs or data URLs for the RunPod worker).
-FILE_INPUTS = ("image", "audio", "audio_2")
-REQUIRED = object()  # default of a required input
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One public input: ``kind`` is file, str, int, float or bool; ``default`` None = optional (empty)."""
-
-    kind: str
-    default: Any = None
-    ge: float | None = None
-    le: float | None = None
-    choices: tuple[str, ...] | None = None
-
-
-#: The public inputs, in the order of the Cog predictor's ``run()``.
-INPUTS: dict[str, InputSpec] = {
-    "image": InputSpec("file", REQUIRED),
-    "audio": InputSpec("file", REQUIRED),
-    "audio_2": InputSpec("file"),
-    "audio_mode": InputSpec("str", "para", choices=("para", "add")),
-    "box_1": InputSpec("str"),
-    "box_2": InputSpec("str"),
-    "prompt": InputSpec("str", DEFAULT_PROMPT),
-    "negative_prompt": InputSpec("str"),
-    "resolution": InputSpec("str", "480p", choices=("480p", "720p")),
-    "width": InputSpec("int", None, 64, 2048),
-    "height": InputSpec("int", None, 64, 2048),
-    "max_duration": InputSpec("float", None, 0.04, MAX_VIDEO_SECONDS),
-    "turbo": InputSpec("bool", False),
-    "steps": InputSpec("int", None, 1, 100),
-    "text_guidance": InputSpec("float", None, 0.0, 20.0),
-    "audio_guidance": InputSpec("float", None, 0.0, 20.0),
-    "shift": InputSpec("float", None, 0.1, 50.0),
-    "seed": InputSpec("int", None, 0, MAX_SEED),
-    "color_correction": InputSpec("float", 1.0, 0.0, 1.0),
-    "apg": InputSpec("bool", False),
-    "step_cache": InputSpec("float", 0.0, 0.0, 1.0),
-    "quality": InputSpec("int", 8, 1, 10),
-}
-
-
-def quality_to_crf(quality: int) -> int:
-    """Output ``quality`` 1..10 (higher is better) -> x264 CRF: ``40 - 3 * quality`` (8 -> 16, 10 -> 10, 1 -> 37)."""
-    return 40 - 3 * int(quality)
-
-
-def parse_box(text: str | None, name: str) -> list[float] | None:
-    """``"top,left,bottom,right"`` in source pixels -> 4 floats; empty -> None; InputError when malformed."""
-    if text is None or not str(text).strip():
-        return None
-    parts = [p for p in str(text).replace(";", ",").replace(" ", ",").split(",") if p]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise InputError(f"{name} must be 'top,left,bottom,right' in pixels of the image, got {text!r}") from None
-    if len(values) != 4 or not all(math.isfinite(v) and v >= 0 for v in values):
-        raise InputError(f"{name} must be 4 non-negative numbers 'top,left,bottom,right', got {text!r}")
-    top, left, bottom, right = values
-    if bottom <= top or right <= left:
-        raise InputError(f"{name} must have bottom > top and right > left, got {text!r}")
-    return values
-
-
-def parse_boxes(box_1: str | None, box_2: str | None, two_speakers: bool) -> list[list[float]] | None:
-    """Both boxes or neither, and only with a second speaker."""
-    b1, b2 = parse_box(box_1, "box_1"), parse_box(box_2, "box_2")
-    if b1 is None and b2 is None:
-        return None
-    if not two_speakers:
-        raise InputError("box_1/box_2 are only used with two speakers: give audio_2 too, or leave the boxes empty")
-    if b1 is None or b2 is None:
-        raise InputError("give both box_1 and box_2 (one region per speaker), or neither")
-    return [b1, b2]
-
-
-def choose_seed(seed: int | None) -> int:
-    """The given seed, or a random one in 0..MAX_SEED."""
-    return secrets.randbelow(MAX_SEED + 1) if seed is None else int(seed)
-
-
-def _shown(value: Any) -> str:
-    return "null" if value is None else repr(value)
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-def _check_value(name: str, spec: InputSpec, value: Any) -> Any:
-    """One input's value (None = empty) with its type and range checked; InputError names the input."""
-    blank = isinstance(value, str) and not value.strip()
-    if value is None or (blank and (spec.kind == "file" or (spec.kind == "str" and spec.default is None))):
-        if spec.default is REQUIRED:
-            raise InputError(f"{name} is required")
-        if spec.default is not None:
-            # Like Cog's schema: only inputs whose default is empty accept null.
-            raise InputError(f"{name} must not be null (leave it out for the default {spec.default!r})")
-        return None
-    if spec.kind == "file":
-        if not isinstance(value, (str, os.PathLike)):
-            raise InputError(f"{name} must be a file (a URL), got {_shown(value)}")
-        return value
-    if spec.kind == "str":
-        if not isinstance(value, str):
-            raise InputError(f"{name} must be a string, got {_shown(value)}")
-        if spec.choices is not None and value not in spec.choices:
-            raise InputError(f"{name} must be " + " or ".join(repr(c) for c in spec.choices) + f", got {value!r}")
-        return value
-    if spec.kind == "bool":
-        if not isinstance(value, bool):
-            raise InputError(f"{name} must be true or false, got {_shown(value)}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        what = "an integer" if spec.kind == "int" else "a number"
-        raise InputError(f"{name} must be {what}, got {_shown(value)}")
-    if spec.kind == "int":
-        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-            raise InputError(f"{name} must be an integer, got {value!r}")
-        value = int(value)
-    elif not math.isfinite(value):
-        raise InputError(f"{name} must be a finite number, got {value!r}")
-    if name == "max_duration":  # the messages of the Cog predictor since the first release
-        if value > MAX_VIDEO_SECONDS:
-            raise InputError(f"max_duration must be at most {MAX_VIDEO_SECONDS:g} s, got {value}")
-        if value < 0.04:
-            raise InputError(f"max_duration must be at least 0.04 s (one frame), got {value}")
-    elif (spec.ge is not None and value < spec.ge) or (spec.le is not None and value > spec.le):
-        raise InputError(f"{name} must be between {_num(spec.ge)} and {_num(spec.le)}, got {value}")
-    return value
-
-
-def build_request(inputs: Mapping[str, Any]) -> GenerationRequest:
-    """A job's inputs (the names of :data:`INPUTS`; absent = default) -> a validated request.
-
-    File inputs are passed through as given (paths, or URLs that the caller fetches later).
-    The seed is chosen here when empty, so the request is reproducible and can be logged.
-    Raises :class:`InputError` (one line naming the input) for any invalid value.
-    """
-    if not isinstance(inputs, Mapping):
-        raise InputError(f"the input must be an object of named inputs, got {type(inputs).__name__}")
-    unknown = sorted(set(inputs) - set(INPUTS))
-    if unknown:
-        raise InputError(f"unknown input(s) {', '.join(map(repr, unknown))}; the inputs are: {', '.join(INPUTS)}")
-    v = {name: _check_value(name, spec, inputs.get(name, None if spec.default is REQUIRED else spec.default))
-         for name, spec in INPUTS.items()}
-    bboxes = parse_boxes(v["box_1"], v["box_2"], v["audio_2"] is not None)
-    max_duration = v["max_duration"]
-    request = GenerationRequest(
-        image=v["image"], audio=v["audio"], audio_2=v["audio_2"], audio_mode=v["audio_mode"], bboxes=bboxes,
-        prompt=v["prompt"], negative_prompt=v["negative_prompt"], resolution=v["resolution"],
-        width=v["width"], height=v["height"],
-        max_duration=min(max_duration, MAX_VIDEO_SECONDS) if max_duration is not None else MAX_VIDEO_SECONDS,
-        steps=v["steps"], text_guidance=v["text_guidance"], audio_guidance=v["audio_guidance"], shift=v["shift"],
-        seed=choose_seed(v["seed"]), color_correction=v["color_correction"], apg=v["apg"],
-        crf=quality_to_crf(v["quality"]), turbo=v["turbo"], step_cache=v["step_cache"],
-    )
-    request.validate()
-    return request
-
+from .pipeline import FPS, GenerationResult, ProgressEvent
+from .request import (  # noqa: F401  (the serving core's public names; the rules live in request.py)
+    DEFAULT_PROMPT,
+    FILE_INPUTS,
+    INPUTS,
+    MAX_SEED,
+    MAX_VIDEO_SECONDS,
+    REQUIRED,
+    GenerationRequest,
+    InputSpec,
+    build_request,
+    choose_seed,
+    parse_box,
+    parse_boxes,
+    quality_to_crf,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Progress
