@@ -8,8 +8,9 @@ Semantics follow the official ``generate_infinitetalk`` loop (see golden README 
 * timesteps: ``linspace(1000, 1, steps)`` in float32, ``0`` appended, then shifted with
   ``t' = shift*t / (1 + (shift-1)*t)`` on ``t/1000`` in float32, times 1000;
 * Euler update: ``x = x + (-pred) * (t_i - t_{i+1}) / 1000``;
-* the first ``n_m`` latent frames are replaced by the clean motion latents before every
-  model call and after every update;
+* the first ``n_m`` latent frames are replaced by the clean motion latents before the first
+  model call and after every update (:class:`ContextLatents`, a wrapper around the model: the
+  integrator :func:`sample_euler` itself is generic);
 * guidance: 3 NFE (text + audio CFG) unless the text scale is 1 (then 2 NFE, audio only),
   optionally with APG (momentum buffer, norm clipping, projection orthogonal to the
   conditional prediction in float64).
@@ -37,6 +38,7 @@ __all__ = [
     "combine_guidance",
     "make_guided_denoiser",
     "sample_euler",
+    "ContextLatents",
 ]
 
 #: Branch names in the order the official loop evaluates them.
@@ -217,58 +219,84 @@ def make_guided_denoiser(
 
 # --------------------------------------------------------------------------- Euler loop
 StepCallback = Callable[[int, int, torch.Tensor], None]
-
-
-def _inject(x: torch.Tensor, motion: torch.Tensor) -> None:
-    x[:, : motion.shape[1]] = motion
+PostStep = Callable[[torch.Tensor], torch.Tensor]
 
 
 def sample_euler(
-    denoise: Denoiser,
+    model: Denoiser,
     x: torch.Tensor,
     timesteps: torch.Tensor,
     *,
-    motion_latents: torch.Tensor,
     callback: Optional[StepCallback] = None,
-    generator: Optional[torch.Generator] = None,
-    burn_motion_noise: bool = False,
+    post_step: Optional[PostStep] = None,
 ) -> torch.Tensor:
-    """Euler flow-matching loop of one chunk.
+    """Generic Euler flow-matching integrator: ``x <- x - model(x, t_i) * (t_i - t_{i+1}) / 1000``.
 
     Args:
-        denoise: ``denoise(x [C,T,h,w], t [1]) -> guided prediction [C,T,h,w]``.
-        x: initial noise ``[C, T, h, w]`` (not modified; a copy is used).
-        timesteps: ``[steps + 1]`` from :func:`get_timesteps`.
-        motion_latents: clean context latents ``[C, n_m, h, w]``; written into the first
-            ``n_m`` frames before every model call and after every update.
-        callback: ``callback(step_index, num_steps, x)`` after each step; an exception it
-            raises propagates (cancellation).
-        generator: RNG used for the discarded motion-noise draws (None: global RNG).
-        burn_motion_noise: draw (and discard) ``randn(motion_latents.shape)`` once before the
-            steps and once after each step, reproducing the official RNG consumption of
-            chunks >= 1.
+        model: ``model(x, t [1]) -> prediction`` shaped like ``x`` (velocity, flow matching).
+        x: the starting latent (not modified; the loop works on its own copy).
+        timesteps: ``[steps + 1]`` from :func:`get_timesteps`, ending at 0.
+        callback: ``callback(step_index, num_steps, x)`` after each step; an exception it raises
+            propagates (that is how a run is cancelled).
+        post_step: ``post_step(x) -> x`` right after each update, before the callback (a model
+            wrapper's hook, e.g. re-imposing known latents; see :class:`ContextLatents`).
 
     Returns:
-        The final latent ``x0`` ``[C, T, h, w]``.
+        The final latent.
     """
-    motion = motion_latents.to(dtype=x.dtype, device=x.device)
-    latent = x.clone()
+    x = x.clone()
     num_steps = int(timesteps.shape[0]) - 1
-
-    def burn() -> None:
-        if burn_motion_noise:
-            torch.randn(motion.shape, generator=generator, dtype=motion.dtype,
-                        device=generator.device if generator is not None else motion.device)
-
-    burn()
-    _inject(latent, motion)  # before the first model call; later calls follow the post-update overwrite
     for i in range(num_steps):
-        t = timesteps[i : i + 1].to(latent.device)
-        pred = denoise(latent, t)
+        pred = model(x, timesteps[i : i + 1].to(x.device))
         dt = (timesteps[i] - timesteps[i + 1]).reshape(1) / _NUM_TRAIN_TIMESTEPS
-        latent = latent + (-pred) * dt.to(latent.device)
-        burn()
-        _inject(latent, motion)
+        x = x + (-pred) * dt.to(x.device)
+        if post_step is not None:
+            x = post_step(x)
         if callback is not None:
-            callback(i, num_steps, latent)
-    return latent
+            callback(i, num_steps, x)
+    return x
+
+
+class ContextLatents:
+    """InfiniteTalk's clean context latents around a denoiser (the model-specific part of a chunk's loop).
+
+    The first ``n_m`` latent frames of every chunk are known (the reference frame for chunk 0, the
+    VAE latents of the previous chunk's last 9 frames later): they are written into the latent
+    before the first model call and after every update (:meth:`start`, :meth:`post_step`), so
+    the model always sees them clean and the decoded chunk starts with them.
+
+    ``replay_noise`` reproduces the official loop's random-number use in chunks >= 1: it draws
+    (and discards) noise of the context's shape from ``generator`` once before the steps and once
+    after each step, so later chunks get the official noise for the same seed.
+    """
+
+    def __init__(self, denoise: Denoiser, motion_latents: torch.Tensor,
+                 generator: Optional[torch.Generator] = None, replay_noise: bool = False) -> None:
+        self.denoise = denoise
+        self.motion = motion_latents
+        self.generator = generator
+        self.replay_noise = replay_noise
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.denoise(x, t)
+
+    def _replay(self) -> None:
+        if self.replay_noise:
+            gen = self.generator
+            torch.randn(self.motion.shape, generator=gen, dtype=self.motion.dtype,
+                        device=gen.device if gen is not None else self.motion.device)
+
+    def post_step(self, x: torch.Tensor) -> torch.Tensor:
+        self._replay()
+        x[:, : self.motion.shape[1]] = self.motion
+        return x
+
+    def start(self, noise: torch.Tensor) -> torch.Tensor:
+        """The latent the integrator starts from: ``noise`` with the context written in (a copy)."""
+        self.motion = self.motion.to(noise.device, noise.dtype)
+        return self.post_step(noise.clone())
+
+    def sample(self, noise: torch.Tensor, timesteps: torch.Tensor,
+               callback: Optional[StepCallback] = None) -> torch.Tensor:
+        """One chunk: :func:`sample_euler` from :meth:`start` with :meth:`post_step`."""
+        return sample_euler(self, self.start(noise), timesteps, callback=callback, post_step=self.post_step)

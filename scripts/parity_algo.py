@@ -368,7 +368,7 @@ def _direct_cfg_cases(z) -> list[CaseResult]:
 
 def _loop_case(z, case: str, loop_meta: Optional[dict]) -> list[CaseResult]:
     from infinitetalk.chunking import DEFAULT_MOTION_FRAMES, motion_latent_frames
-    from infinitetalk.sampler import APGState, get_timesteps, make_guided_denoiser, sample_euler
+    from infinitetalk.sampler import APGState, ContextLatents, get_timesteps, make_guided_denoiser
 
     p = f"{case}."
     ref_t = z[p + "timesteps"]
@@ -400,7 +400,7 @@ def _loop_case(z, case: str, loop_meta: Optional[dict]) -> list[CaseResult]:
             return torch.from_numpy(z[f"{q}step{i}.{branch}"])
 
         denoise = make_guided_denoiser(model, s_text, s_audio, APGState() if use_apg else None)
-        x0 = sample_euler(denoise, x_init, ts, motion_latents=motion, generator=gen, burn_motion_noise=c >= 1)
+        x0 = ContextLatents(denoise, motion, generator=gen, replay_noise=c >= 1).sample(x_init, ts)
         for i in range(steps):
             key = f"{q}step{i}.latent_in"
             if i in seen:

@@ -12,6 +12,7 @@ import torch
 from infinitetalk.errors import GenerationCancelled
 from infinitetalk.sampler import (
     APGState,
+    ContextLatents,
     adaptive_projected_guidance,
     combine_guidance,
     get_timesteps,
@@ -53,15 +54,20 @@ def _preds(seed: int = 0, shape=(4, 5, 3, 3)):
     return {k: torch.randn(shape, generator=g) for k in ("cond", "drop_text", "uncond", "drop_audio")}
 
 
-def test_cfg_formulas():
+def test_guidance_scales_are_gains_on_the_branch_differences():
+    """Raising a scale by one adds exactly that guidance's difference; scales of 1 give the
+    conditional prediction; an audio scale of 0 (with text 1) gives the audio-free prediction."""
     p = _preds()
-    out3 = combine_guidance(p, 5.0, 4.0)
-    ref3 = p["uncond"] + 5 * (p["cond"] - p["drop_text"]) + 4 * (p["drop_text"] - p["uncond"])
-    assert torch.equal(out3, ref3)
-    out2 = combine_guidance(p, 1.0, 2.0)
-    assert torch.equal(out2, p["drop_audio"] + 2 * (p["cond"] - p["drop_audio"]))
-    # scales of 1 give the conditional prediction
+    step_text = combine_guidance(p, 6.0, 4.0) - combine_guidance(p, 5.0, 4.0)
+    step_audio = combine_guidance(p, 5.0, 5.0) - combine_guidance(p, 5.0, 4.0)
+    assert torch.allclose(step_text, p["cond"] - p["drop_text"], atol=1e-5)
+    assert torch.allclose(step_audio, p["drop_text"] - p["uncond"], atol=1e-5)
+    assert torch.allclose(combine_guidance(p, 1.0, 3.0) - combine_guidance(p, 1.0, 2.0),
+                          p["cond"] - p["drop_audio"], atol=1e-5)
     assert torch.allclose(combine_guidance(p, 1.0, 1.0), p["cond"])
+    assert torch.allclose(combine_guidance(p, 1.0, 0.0), p["drop_audio"])
+    same = {k: p["cond"] for k in p}  # no difference between branches: nothing to guide
+    assert torch.allclose(combine_guidance(same, 5.0, 4.0), p["cond"], atol=1e-5)
 
 
 def test_apg_orthogonal_clipped_and_stateful():
@@ -98,30 +104,43 @@ def _toy_model(calls):
     return model
 
 
-def test_euler_loop_motion_injection_and_callback():
+@pytest.mark.parametrize(("steps", "shift"), [(1, 1.0), (4, 2.0), (40, 7.0), (9, 11.0)])
+def test_euler_recovers_the_clean_latent_from_the_exact_velocity(steps, shift):
+    """Flow matching moves along straight lines: with the exact velocity ``noise - x0`` the Euler
+    integrator lands on ``x0`` for any schedule (the property the sampler exists for)."""
+    g = torch.Generator().manual_seed(steps)
+    x0, noise = torch.randn(4, 5, 3, 3, generator=g), torch.randn(4, 5, 3, 3, generator=g)
+    calls = []
+
+    def velocity(x, t):
+        calls.append(float(t))
+        return noise - x0
+
+    out = sample_euler(velocity, noise, get_timesteps(steps, shift))
+    assert torch.allclose(out, x0, atol=1e-5) and len(calls) == steps
+    assert calls[0] == 1000.0 and all(a > b for a, b in zip(calls, calls[1:]))
+
+
+def test_context_latents_stay_clean_and_the_rest_is_plain_euler():
+    """The wrapper shows the model the clean context at every call and returns it in the result;
+    the other frames follow the generic integrator exactly (the model acts frame by frame here)."""
     ts = get_timesteps(3, 5.0)
     x = torch.randn(4, 6, 2, 2, generator=torch.Generator().manual_seed(0))
     motion = torch.full((4, 2, 2, 2), 7.0)
-    calls, seen, progress = [], [], []
+    seen, progress = [], []
 
     def denoise(lat, t):
         seen.append(lat.clone())
-        return lat * 0.1
+        return lat * 0.1 + t / 1000
 
-    x0 = sample_euler(denoise, x, ts, motion_latents=motion,
-                      callback=lambda i, n, lat: progress.append((i, n)))
-    assert progress == [(0, 3), (1, 3), (2, 3)]
+    wrapped = ContextLatents(denoise, motion)
+    x0 = wrapped.sample(x, ts, callback=lambda i, n, lat: progress.append((i, n)))
+    assert progress == [(0, 3), (1, 3), (2, 3)] and len(seen) == 3
     assert all(torch.equal(s[:, :2], motion) for s in seen)
     assert torch.equal(x0[:, :2], motion)
-    assert not torch.equal(x[:, :2], motion)  # input untouched
-    # manual Euler on the free frames
-    lat = x.clone()
-    lat[:, :2] = motion
-    for i in range(3):
-        lat = lat + (-(lat * 0.1)) * ((ts[i] - ts[i + 1]) / 1000)
-        lat[:, :2] = motion
-    assert torch.equal(x0, lat)
-    del calls
+    assert not torch.equal(x[:, :2], motion)  # the caller's noise is untouched
+    plain = sample_euler(denoise, x, ts)
+    assert torch.equal(x0[:, 2:], plain[:, 2:])
 
 
 def test_denoiser_nfe_and_order():
@@ -135,52 +154,43 @@ def test_denoiser_nfe_and_order():
     assert [c[0] for c in calls] == ["cond", "drop_audio"]
 
 
-def test_burn_motion_noise_consumes_rng():
+def test_replayed_noise_matches_the_official_rng_use():
+    """Chunks >= 1 of the official loop draw the context's noise once before the steps and once
+    after each step; the next chunk's noise then comes from the same generator state."""
     ts = get_timesteps(2, 7.0)
     x = torch.zeros(2, 4, 1, 1)
     motion = torch.zeros(2, 3, 1, 1)
     g1 = torch.Generator().manual_seed(5)
-    sample_euler(lambda lat, t: lat, x, ts, motion_latents=motion, generator=g1, burn_motion_noise=True)
+    ContextLatents(lambda lat, t: lat, motion, g1, replay_noise=True).sample(x, ts)
     g2 = torch.Generator().manual_seed(5)
     for _ in range(1 + 2):
         torch.randn(motion.shape, generator=g2)
     assert torch.equal(torch.randn(3, generator=g1), torch.randn(3, generator=g2))
     g3 = torch.Generator().manual_seed(5)
-    sample_euler(lambda lat, t: lat, x, ts, motion_latents=motion, generator=g3, burn_motion_noise=False)
+    ContextLatents(lambda lat, t: lat, motion, g3, replay_noise=False).sample(x, ts)
     assert torch.equal(torch.randn(3, generator=g3), torch.randn(3, generator=torch.Generator().manual_seed(5)))
 
 
 def test_callback_exception_cancels():
     ts = get_timesteps(4, 5.0)
-    steps = []
+    steps, calls = [], []
 
     def cb(i, n, lat):
         steps.append(i)
         if i == 1:
             raise GenerationCancelled("stop")
 
+    def model(lat, t):
+        calls.append(t)
+        return lat
+
     with pytest.raises(GenerationCancelled):
-        sample_euler(lambda lat, t: lat, torch.zeros(1, 2, 1, 1), ts, motion_latents=torch.zeros(1, 1, 1, 1),
-                     callback=cb)
-    assert steps == [0, 1]
-
-
-def test_deterministic():
-    ts = get_timesteps(3, 7.0)
-    motion = torch.ones(4, 1, 2, 2)
-    x = torch.randn(4, 5, 2, 2, generator=torch.Generator().manual_seed(9))
-    den = lambda: make_guided_denoiser(lambda lat, t, b: torch.sin(lat + t / 1000), 5.0, 4.0, APGState())  # noqa
-    a = sample_euler(den(), x, ts, motion_latents=motion)
-    b = sample_euler(den(), x, ts, motion_latents=motion)
-    assert torch.equal(a, b)
+        sample_euler(model, torch.zeros(1, 2, 1, 1), ts, callback=cb)
+    assert steps == [0, 1] and len(calls) == 2  # no model call after the cancelling step
 
 
 def test_unit_guidance_runs_one_forward_per_step():
     """Text and audio scales of 1 (no APG) need only the conditional branch: the result is exact."""
-    import torch
-
-    from infinitetalk.sampler import make_guided_denoiser
-
     calls = []
 
     def model(x, t, branch):
