@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import re
 
+import ftfy
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,13 +21,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def clean_prompt(text: str) -> str:
-    """The official text cleaning: ftfy (when installed), HTML unescape, collapse whitespace."""
-    try:
-        import ftfy
-
-        text = ftfy.fix_text(text)
-    except ImportError:  # optional dependency
-        pass
+    """The official UMT5 text cleaning (``clean='whitespace'``): ``ftfy.fix_text`` (mojibake, curly
+    quotes, fullwidth letters, control characters), HTML unescaped twice, whitespace collapsed."""
+    text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
 
