@@ -39,7 +39,6 @@ __all__ = [
     "FPS",
     "AudioInfo",
     "probe_audio",
-    "probe_duration",
     "decode_audio",
     "loudness_normalize",
     "load_speech",
@@ -116,14 +115,6 @@ def probe_audio(path: PathLike) -> AudioInfo:
         channels=int(s["channels"]) if s.get("channels") else None,
         codec=s.get("codec_name"),
     )
-
-
-def probe_duration(path: PathLike) -> float:
-    """Duration in seconds of the first audio stream (ffprobe). Raises InputError if unknown."""
-    info = probe_audio(path)
-    if info.duration is None:
-        raise InputError(f"cannot determine the duration of {_display(path)}")
-    return info.duration
 
 
 # --------------------------------------------------------------------------- decoding
@@ -270,17 +261,23 @@ def audio_window_indices(center_frames: Union[torch.Tensor, Sequence[int]], leng
     return torch.clamp(centers + offsets, min=0, max=int(length) - 1)
 
 
-def gather_windows(emb: torch.Tensor, start: int, num_frames: int = 81, window: int = 5) -> torch.Tensor:
+def gather_windows(emb: torch.Tensor, start: int, num_frames: int = 81, window: int = 5,
+                   index: torch.Tensor | None = None) -> torch.Tensor:
     """Per-frame audio windows of frames ``[start, start + num_frames)``.
 
     Args:
-        emb: ``[T, L, C]`` embedding (already end-padded if the chunk needs it).
+        emb: ``[T, L, C]`` embedding.
+        index: optional frame map ``[T']`` into ``emb`` for an end-padded sequence (e.g.
+            ``pad_audio_end(torch.arange(T), miss)``): the windows are taken from
+            ``emb[index]`` without building it, so padding never copies the whole audio.
 
     Returns:
         ``[num_frames, window, L, C]``.
     """
     centers = torch.arange(start, start + num_frames, dtype=torch.long)
-    return emb[audio_window_indices(centers, emb.shape[0], window)]
+    if index is None:
+        return emb[audio_window_indices(centers, emb.shape[0], window)]
+    return emb[index[audio_window_indices(centers, index.shape[0], window)]]
 
 
 def pad_audio_end(emb: torch.Tensor, miss: int) -> torch.Tensor:

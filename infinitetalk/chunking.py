@@ -72,10 +72,6 @@ class ChunkPlan:
     def ends(self) -> tuple[int, ...]:
         return tuple(s + self.frame_num for s in self.starts)
 
-    @property
-    def total_padding(self) -> int:
-        return sum(self.pad_before)
-
     def kept_frames(self, k: int) -> int:
         """Frames chunk ``k`` appends to the output (before the final cut)."""
         return self.frame_num - (0 if k == 0 else self.motion_frames_per_chunk[k])

@@ -11,16 +11,15 @@ CLIP and the first-frame condition are computed once per video where they do not
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
-import math
 import os
-import secrets
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 from . import audio as audio_lib
 from . import inputs
 from .buckets import choose_bucket, masks_to_latent, resize_and_centercrop, speaker_masks
-from .chunking import plan_chunks
+from .chunking import ChunkPlan, plan_chunks
 from .color import match_and_blend_colors
 from .conditioning import (
     CLIP_MEAN,
@@ -45,99 +44,20 @@ from .conditioning import (
 )
 from .errors import GenerationCancelled, InputError
 from .parallel import check_token_split, enable_sequence_parallel, stop_together
-from .sampler import APGState, get_timesteps, make_guided_denoiser, sample_euler
-from .step_cache import StepCache
+from .request import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, GenerationRequest, choose_seed
+from .sampler import APGState, ContextLatents, get_timesteps, make_guided_denoiser
 
 logger = logging.getLogger(__name__)
 
 FPS = 25
 FRAME_NUM = 81
 MOTION_FRAMES = 9
-DEFAULT_NEGATIVE_PROMPT = (
-    "bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
-    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
-    "poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, "
-    "messy background, three legs, many people in the background, walking backwards"
-)
-DEFAULT_PROMPT = "A person is talking naturally, looking at the camera."
-MAX_SIDE = 2048  # explicit width/height limit
-MIN_SIDE = 64
+LATENT_FRAMES = (FRAME_NUM - 1) // 4 + 1
 
 
 # ----------------------------------------------------------------------------------------------
-# Request / result
+# Result / progress
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class GenerationRequest:
-    """Everything one generation needs.  Paths are local files; validated by :meth:`validate`."""
-
-    image: str | Path  # image or video (V2V dubbing)
-    audio: str | Path
-    audio_2: str | Path | None = None
-    audio_mode: str = "para"  # para: simultaneous; add: speaker 1 then speaker 2
-    bboxes: Sequence[Sequence[float]] | None = None  # [[top, left, bottom, right], [..]] in source pixels
-    prompt: str = DEFAULT_PROMPT
-    negative_prompt: str | None = None  # None -> the official default
-    resolution: str = "480p"
-    width: int | None = None
-    height: int | None = None
-    max_duration: float | None = None  # seconds; None -> whole audio
-    steps: int | None = None  # None -> 40 (exact) / 4 (turbo)
-    text_guidance: float | None = None  # None -> 5 (exact) / 1 (turbo: 2 forwards per step)
-    audio_guidance: float | None = None  # None -> 4 (exact) / 2 (turbo)
-    shift: float | None = None  # None -> 7 (480p) / 11 (720p) exact, 2 turbo
-    seed: int | None = None
-    color_correction: float = 1.0
-    apg: bool = False
-    crf: int = 18
-    turbo: bool = False  # distilled LoRA mode: needs a pipeline loaded with the LoRA
-    step_cache: float = 0.0  # TeaCache-rule threshold (0 = off; 0.2-0.5 trade quality for speed)
-
-    def resolved(self) -> GenerationRequest:
-        """A copy with the mode's defaults filled in (official values for exact and LoRA modes)."""
-        from dataclasses import replace
-
-        if self.turbo:
-            defaults = dict(steps=4, text_guidance=1.0, audio_guidance=2.0, shift=2.0)
-        else:
-            defaults = dict(steps=40, text_guidance=5.0, audio_guidance=4.0,
-                            shift=7.0 if self.resolution == "480p" else 11.0)
-        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
-
-    def validate(self) -> None:
-        req = self.resolved()  # validate the effective values
-
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise InputError(msg)
-
-        need(req.audio_mode in ("para", "add"), f"audio_mode must be 'para' or 'add', got {req.audio_mode!r}")
-        need(req.resolution in ("480p", "720p"), f"resolution must be '480p' or '720p', got {req.resolution!r}")
-        need((req.width is None) == (req.height is None), "width and height must be given together")
-        if req.width is not None:
-            for name, v in (("width", req.width), ("height", req.height)):
-                need(MIN_SIDE <= int(v) <= MAX_SIDE and int(v) % 16 == 0,
-                     f"{name} must be a multiple of 16 between {MIN_SIDE} and {MAX_SIDE}, got {v}")
-        need(1 <= int(req.steps) <= 100, f"steps must be between 1 and 100, got {req.steps}")
-        for name, v, lo, hi in (("text_guidance", req.text_guidance, 0.0, 20.0),
-                                ("audio_guidance", req.audio_guidance, 0.0, 20.0),
-                                ("color_correction", req.color_correction, 0.0, 1.0),
-                                ("step_cache", req.step_cache, 0.0, 5.0)):
-            need(math.isfinite(v) and lo <= v <= hi, f"{name} must be between {lo:g} and {hi:g}, got {v}")
-        if req.shift is not None:
-            need(math.isfinite(req.shift) and 0.1 <= req.shift <= 50, f"shift must be between 0.1 and 50, got {req.shift}")
-        if req.max_duration is not None:
-            need(math.isfinite(req.max_duration) and req.max_duration >= 0.04,
-                 f"max_duration must be at least 0.04 s (one frame), got {req.max_duration}")
-        need(0 <= int(req.crf) <= 51, f"crf must be between 0 and 51, got {req.crf}")
-        if req.seed is not None:
-            need(0 <= int(req.seed) < 2**63, f"seed must be between 0 and 2^63-1, got {req.seed}")
-        if req.bboxes is not None:
-            need(req.audio_2 is not None, "boxes are only used with two speakers (audio_2)")
-            need(len(req.bboxes) == 2 and all(len(b) == 4 for b in req.bboxes),
-                 "boxes must be two [top, left, bottom, right] boxes, one per speaker")
 
 
 @dataclass
@@ -379,10 +299,35 @@ class InfiniteTalkPipeline:
             torch.cuda.empty_cache()
 
     def _generate(self, req: GenerationRequest, out_path: Path, tmp: Path, callback, show_progress) -> GenerationResult:
-        from . import media
-
-        timings: dict[str, float] = {}
+        """Prepare the video once, then for every chunk: its inputs, the denoising loop, decode, write."""
         t_start = time.perf_counter()
+        self._select_mode(req)
+        job = self._prepare(req, tmp)
+        progress = _Progress(self, callback, job, show_progress)
+        motion_frames = None  # the previous chunk's last 9 frames (colour corrected), [1, 3, 9, H, W]
+        try:
+            with self._open_writer(out_path, job) as writer, self._step_cache(req) as cache:
+                for k in range(job.plan.num_chunks):
+                    progress.chunk_started(k)
+                    chunk = self._chunk_inputs(job, k, motion_frames)
+                    cache.reset()
+                    x0 = self._denoise(job, chunk, k, progress.on_step)
+                    progress.sampled()
+                    video = self._decode(job, x0)
+                    # A copy, so the whole chunk (up to 0.9 GB at 960x960) is freed before the next one.
+                    motion_frames = video[:, :, -MOTION_FRAMES:].clone()
+                    self._emit(writer, job, k, video)
+                    del chunk, x0, video
+                    progress.chunk_done(cache)
+                writer.close()
+        finally:
+            progress.close()
+            job.close()
+        return job.result(out_path, time.perf_counter() - t_start)
+
+    # ------------------------------------------------------------------ stage 1: the video, once
+    def _select_mode(self, req: GenerationRequest) -> None:
+        """Exact or turbo: switch the distilled LoRA on or off for this request."""
         if req.turbo and not self.turbo_loaded:
             raise InputError("turbo mode needs the distilled LoRA, which is not installed on this server")
         if not req.turbo and self.turbo_only:
@@ -390,174 +335,289 @@ class InfiniteTalkPipeline:
         if self.lora_adapter is not None:
             self.lora_adapter.enabled = bool(req.turbo)
 
-        # 1. Reference: image, or video for dubbing.
-        info, reader, first = inputs.load_reference(req.image, "image")  # limits and messages: inputs.py
-        src_w, src_h = first.size
-        inputs.check_boxes(req.bboxes, src_w, src_h)
+    def _prepare(self, req: GenerationRequest, tmp: Path) -> _Job:
+        """Everything fixed for the whole video: reference and size, audio features and the chunk
+        plan, the seed, the speaker weights and masks, the text/CLIP/first-frame conditioning and the
+        soundtrack. Input files are read (and refused) here, before any denoising."""
+        from . import media
 
-        # 2. Size: the official bucket of the source aspect ratio, or the explicit size.
-        if req.width is not None:
-            height, width = int(req.height), int(req.width)
-        else:
-            height, width = choose_bucket(src_h, src_w, req.resolution)
-        if self.parallel is not None:
-            check_token_split(height, width, (FRAME_NUM - 1) // 4 + 1, self.parallel.world_size)
-        shift = req.shift
-
-        # 3. Audio: decode, loudness-normalise, combine speakers, wav2vec2 features.
-        t0 = time.perf_counter()
-        speakers = 2 if req.audio_2 is not None else 1
-        wav1 = inputs.load_audio(req.audio, "audio")
-        if speakers == 2:
-            wav2 = inputs.load_audio(req.audio_2, "audio_2")
-            w1, w2, mixed = audio_lib.combine_speakers(wav1, wav2, req.audio_mode)
-            embeddings = [self.audio_encoder.encode(w1), self.audio_encoder.encode(w2)]
-        else:
-            mixed = wav1
-            embeddings = [self.audio_encoder.encode(wav1)]
-        timings["audio"] = time.perf_counter() - t0
-        num_audio_frames = embeddings[-1].shape[0]
-        max_frames = None
-        if req.max_duration is not None:
-            max_frames = max(1, int(round(req.max_duration * FPS)))
-        plan = plan_chunks(num_audio_frames, max_frames=max_frames if max_frames and max_frames < num_audio_frames else None,
-                           frame_num=FRAME_NUM, motion_frames=MOTION_FRAMES)
-        total_frames = plan.final_frame_count
-        seed = int(req.seed) if req.seed is not None else secrets.randbelow(2**31)
-        if self.parallel is not None:
-            seed = self.parallel.broadcast(seed)  # every rank draws the same noise
-        logger.info("generating %d frames (%.2f s) at %dx%d in %d chunk(s), seed %d", total_frames,
-                    total_frames / FPS, width, height, plan.num_chunks, seed)
-
-        # 4. Speaker masks (two speakers) at latent resolution.
-        lat_h, lat_w = height // 8, width // 8
-        ref_masks = None
-        if speakers == 2:
-            self._use_audio_set("multi")
-            masks = speaker_masks(src_h, src_w, 2, req.bboxes)
-            ref_masks = masks_to_latent(masks, (height, width), (lat_h, lat_w)).to(self.device)
-        else:
-            self._use_audio_set("single")
-
-        # 5. Once-per-video conditioning.
-        t0 = time.perf_counter()
-        cond_frame = _to_model_frame(first, (height, width))  # [3, H, W] in [-1, 1]
-        prompt = self._prompt_states(req.prompt)
-        negative = self._prompt_states(req.negative_prompt if req.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT)
-        clip_states = self._clip(cond_frame)
-        y = first_frame_condition(self.vae, cond_frame.to(self.device), FRAME_NUM).to(self.dtype)
-        timings["conditioning"] = time.perf_counter() - t0
-        color_ref = cond_frame[None, :, None].float()  # [1, 3, 1, H, W]
-
-        audio_path = tmp / "audio.wav"
-        media.write_wav(audio_path, mixed[: int(round(total_frames / FPS * audio_lib.SAMPLE_RATE))], audio_lib.SAMPLE_RATE)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        timesteps = get_timesteps(int(req.steps), shift)
-        zero_audio = None
-
-        frames_done = 0
-        chunk_bar = tqdm(total=plan.num_chunks, desc="chunks", unit="chunk", disable=not show_progress)
-        motion_frames = None  # [-1, 1] [1, 3, 9, H, W] of the previous chunk (colour corrected)
-        embs = list(embeddings)
-        t_loop = time.perf_counter()
+        timings: dict = {}
+        _info, reader, first = inputs.load_reference(req.image, "image")  # limits and messages: inputs.py
         try:
-            main = self.parallel is None or self.parallel.is_main  # other ranks compute, rank 0 writes
-            writer_cls = media.VideoWriter if main else _NoVideo
-            with writer_cls(out_path, width, height, fps=FPS, crf=int(req.crf), audio_path=audio_path,
-                            duration=total_frames / FPS) as writer:
-                for k, start in enumerate(plan.starts):
-                    if plan.pad_before[k]:
-                        embs = [audio_lib.pad_audio_end(e, plan.pad_before[k]) for e in embs]
-                    # Reference frame of this chunk (V2V: the source frame at this chunk's time).
-                    if reader is not None and k > 0:
-                        frame_k = _to_model_frame(reader.frame_at(start / FPS), (height, width))
-                        clip_k = self._clip(frame_k)
-                        y_k = first_frame_condition(self.vae, frame_k.to(self.device), FRAME_NUM).to(self.dtype)
-                    else:
-                        frame_k, clip_k, y_k = cond_frame, clip_states, y
-                    # Context latents: the reference frame for chunk 0, the last 9 frames later.
-                    if k == 0:
-                        motion = vae_encode(self.vae, frame_k[None, :, None].to(self.device))[0]
-                    else:
-                        motion = vae_encode(self.vae, motion_frames)[0]
-                    windows = torch.stack([audio_lib.gather_windows(e, start, FRAME_NUM) for e in embs])  # [P, 81, 5, L, C]
-                    audio_in = windows[None].to(self.device, self.dtype)
-                    if zero_audio is None:
-                        zero_audio = torch.zeros_like(audio_in[:, -1:])
-                    noise = torch.randn(16, (FRAME_NUM - 1) // 4 + 1, lat_h, lat_w, generator=generator)
-
-                    cache = StepCache(req.step_cache, req.resolution) if req.step_cache > 0 else None
-                    branch = self._branch_fn(y_k, clip_k, prompt, negative, audio_in, zero_audio, ref_masks, cache)
-                    apg = APGState() if req.apg else None
-                    denoise = make_guided_denoiser(branch, req.text_guidance, req.audio_guidance, apg)
-                    step_bar = tqdm(total=len(timesteps) - 1, desc=f"chunk {k + 1}/{plan.num_chunks}", unit="step",
-                                    leave=False, disable=not show_progress)
-
-                    def on_step(i, n, _x, k=k, step_bar=step_bar):
-                        step_bar.update(1)
-                        self._report(callback, ProgressEvent(k, plan.num_chunks, i + 1, n, frames_done, total_frames))
-
-                    t_chunk = time.perf_counter()
-                    try:
-                        x0 = sample_euler(denoise, noise.to(self.device), timesteps, motion_latents=motion.float(),
-                                          callback=on_step, generator=generator, burn_motion_noise=k > 0)
-                    finally:
-                        step_bar.close()
-                    t_sampled = _sync_time(self.device)
-                    video = vae_decode(self.vae, x0[None])  # [1, 3, 81, H, W] in [-1, 1], on the device
-                    if req.color_correction > 0:
-                        video = match_and_blend_colors(video, color_ref.to(video.device), req.color_correction)
-                    motion_frames = video[:, :, -MOTION_FRAMES:]
-                    new = video[0] if k == 0 else video[0, :, plan.motion_frames_per_chunk[k]:]
-                    keep = min(new.shape[1], total_frames - frames_done)
-                    if keep > 0:
-                        if main:
-                            writer.write(frames_to_uint8(new[:, :keep]))
-                        frames_done += keep
-                    chunk_bar.update(1)
-                    if cache is not None:
-                        timings.setdefault("step_cache_skipped", []).append(cache.skipped)
-                    t_done = _sync_time(self.device)
-                    timings.setdefault("sampling_per_chunk", []).append(t_sampled - t_chunk)
-                    timings.setdefault("chunk_seconds", []).append(t_done - t_chunk)
-                    del video, new, x0
-                    self._report(callback, ProgressEvent(k, plan.num_chunks, len(timesteps) - 1, len(timesteps) - 1,
-                                                         frames_done, total_frames))
-                writer.close()
-        finally:
-            chunk_bar.close()
+            inputs.check_boxes(req.bboxes, *first.size)
+            height, width = self._output_size(req, first.size)
+            t0 = time.perf_counter()
+            embeddings, mixed = self._audio_features(req)
+            timings["audio"] = time.perf_counter() - t0
+            plan = _plan(req, embeddings[-1].shape[0])
+            seed = choose_seed(req.seed)
+            if self.parallel is not None:
+                seed = self.parallel.broadcast(seed)  # every rank draws the same noise
+            ref_masks = self._speakers(req, first.size, (height, width))
+            t0 = time.perf_counter()
+            reference = _to_model_frame(first, (height, width))  # [3, H, W] in [-1, 1]
+            clip, y = self._condition(reference)
+            prompt = self._prompt_states(req.prompt)
+            negative = self._prompt_states(req.negative_prompt if req.negative_prompt is not None
+                                           else DEFAULT_NEGATIVE_PROMPT)
+            timings["conditioning"] = time.perf_counter() - t0
+            samples = int(round(plan.final_frame_count / FPS * audio_lib.SAMPLE_RATE))
+            soundtrack = media.write_wav(tmp / "audio.wav", mixed[:samples], audio_lib.SAMPLE_RATE)
+        except BaseException:
             if reader is not None:
                 reader.close()
-        timings["chunks"] = time.perf_counter() - t_loop
-        timings["total"] = time.perf_counter() - t_start
-        return GenerationResult(out_path, seed, frames_done, FPS, width, height, plan.num_chunks,
-                                frames_done / FPS, len(mixed) / audio_lib.SAMPLE_RATE, timings)
+            raise
+        logger.info("generating %d frames (%.2f s) at %dx%d in %d chunk(s), seed %d", plan.final_frame_count,
+                    plan.final_frame_count / FPS, width, height, plan.num_chunks, seed)
+        return _Job(req, width, height, plan, seed, torch.Generator("cpu").manual_seed(seed),
+                    get_timesteps(int(req.steps), req.shift), embeddings, torch.arange(embeddings[0].shape[0]),
+                    reference, reader, clip, y, prompt, negative, ref_masks, soundtrack,
+                    len(mixed) / audio_lib.SAMPLE_RATE, timings=timings)
 
-    def _report(self, callback: ProgressCallback | None, event: ProgressEvent) -> None:
-        """Progress to the caller; its exception (a cancellation) stops the run.  With several GPUs
-        the ranks agree at every step, so all stop at the same one."""
-        error = None
-        if callback is not None:
-            try:
-                callback(event)
-            except BaseException as exc:  # noqa: BLE001 (re-raised by stop_together, after the ranks agree)
-                error = exc
-        stop_together(self.parallel, error)
+    def _output_size(self, req: GenerationRequest, source_size: tuple[int, int]) -> tuple[int, int]:
+        """``(height, width)``: the explicit size, or the official bucket of the source's aspect ratio."""
+        src_w, src_h = source_size
+        height, width = (int(req.height), int(req.width)) if req.width is not None else \
+            choose_bucket(src_h, src_w, req.resolution)
+        if self.parallel is not None:
+            check_token_split(height, width, LATENT_FRAMES, self.parallel.world_size)
+        return height, width
 
-    def _branch_fn(self, y, clip_states, prompt, negative, audio_in, zero_audio, ref_masks, cache=None):
-        """``model(x, t, branch)`` for the guidance helper: runs the DiT on one condition set."""
-        texts = {"cond": prompt, "drop_text": negative, "uncond": negative, "drop_audio": prompt}
-        audios = {"cond": audio_in, "drop_text": audio_in, "uncond": zero_audio, "drop_audio": zero_audio}
+    def _audio_features(self, req: GenerationRequest) -> tuple[list[torch.Tensor], np.ndarray]:
+        """wav2vec2 features per speaker (``[T, layers, hidden]``, CPU float32) and the mixed 16 kHz track."""
+        wav1 = inputs.load_audio(req.audio, "audio")
+        if req.speakers == 1:
+            return [self.audio_encoder.encode(wav1)], wav1
+        wav2 = inputs.load_audio(req.audio_2, "audio_2")
+        w1, w2, mixed = audio_lib.combine_speakers(wav1, wav2, req.audio_mode)
+        return [self.audio_encoder.encode(w1), self.audio_encoder.encode(w2)], mixed
+
+    def _speakers(self, req: GenerationRequest, source_size: tuple[int, int], size: tuple[int, int]):
+        """The checkpoint for the speaker count; for two speakers their masks at latent resolution."""
+        if req.speakers == 1:
+            self._use_audio_set("single")
+            return None
+        self._use_audio_set("multi")
+        masks = speaker_masks(source_size[1], source_size[0], 2, req.bboxes)
+        return masks_to_latent(masks, size, (size[0] // 8, size[1] // 8)).to(self.device)
+
+    def _condition(self, frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP states and the VAE first-frame condition of a reference frame ``[3, H, W]``."""
+        y = first_frame_condition(self.vae, frame.to(self.device), FRAME_NUM).to(self.dtype)
+        return self._clip(frame), y
+
+    # ------------------------------------------------------------------ stage 2: one chunk's inputs
+    def _chunk_inputs(self, job: _Job, k: int, motion_frames: torch.Tensor | None) -> _ChunkInputs:
+        """What chunk ``k`` is conditioned on: the reference (V2V: the source frame at the chunk's
+        time), the clean context latents (the reference for chunk 0, the previous chunk's last 9
+        frames later), the audio windows of its 81 frames and its noise."""
+        start = job.plan.starts[k]
+        frame, clip, y = job.reference, job.clip, job.y
+        if job.reader is not None and k > 0:
+            frame = _to_model_frame(job.reader.frame_at(start / FPS), (job.height, job.width))
+            clip, y = self._condition(frame)
+        context = frame[None, :, None] if k == 0 else motion_frames
+        motion = vae_encode(self.vae, context.to(self.device))[0].float()
+        # The audio is end-padded (a mirrored tail) as the plan says; only the index grows, not the features.
+        job.audio_index = audio_lib.pad_audio_end(job.audio_index, job.plan.pad_before[k])
+        windows = torch.stack([audio_lib.gather_windows(e, start, FRAME_NUM, index=job.audio_index)
+                               for e in job.embeddings])  # [P, 81, 5, layers, hidden]
+        noise = torch.randn(16, LATENT_FRAMES, job.height // 8, job.width // 8, generator=job.generator)
+        return _ChunkInputs(clip, y, motion, windows[None].to(self.device, self.dtype), noise)
+
+    # ------------------------------------------------------------------ stage 3: denoise
+    def _denoise(self, job: _Job, chunk: _ChunkInputs, k: int, on_step) -> torch.Tensor:
+        """The chunk's Euler loop: guidance (CFG or APG) over the model's branches, the context
+        latents kept clean and, after chunk 0, the official random-number replay."""
+        req = job.req
+        guided = make_guided_denoiser(self._branch_model(job, chunk), req.text_guidance, req.audio_guidance,
+                                      APGState() if req.apg else None)
+        denoiser = ContextLatents(guided, chunk.motion, job.generator, replay_noise=k > 0)
+        return denoiser.sample(chunk.noise.to(self.device), job.timesteps, callback=on_step)
+
+    def _branch_model(self, job: _Job, chunk: _ChunkInputs):
+        """``model(x, t, branch)``: the DiT on one guidance branch's conditions, in the branch's
+        cache context (so a step cache keeps one state per branch)."""
+        zero_audio = torch.zeros_like(chunk.audio[:, -1:])
+        texts = {"cond": job.prompt, "drop_text": job.negative, "uncond": job.negative, "drop_audio": job.prompt}
+        audios = {"cond": chunk.audio, "drop_text": chunk.audio, "uncond": zero_audio, "drop_audio": zero_audio}
 
         def model(x: torch.Tensor, t: torch.Tensor, branch: str) -> torch.Tensor:
-            latent_in = torch.cat([x.to(self.dtype)[None], y], dim=1)
-            aud = audios[branch]
-            out = self.transformer(latent_in, t.to(self.device).float(), texts[branch], clip_states, aud,
-                                   ref_target_masks=ref_masks if aud.shape[1] == 2 else None, return_dict=False,
-                                   step_cache=cache, cache_branch=branch)[0]
+            latent_in = torch.cat([x.to(self.dtype)[None], chunk.y], dim=1)
+            audio = audios[branch]
+            masks = job.ref_masks if audio.shape[1] == 2 else None
+            with self.transformer.cache_context(branch):
+                out = self.transformer(latent_in, t.to(self.device).float(), texts[branch], chunk.clip, audio,
+                                       ref_target_masks=masks, return_dict=False)[0]
             return out[0].float()
 
         return model
+
+    # ------------------------------------------------------------------ stage 4: decode and write
+    def _decode(self, job: _Job, x0: torch.Tensor) -> torch.Tensor:
+        """Latents -> frames ``[1, 3, 81, H, W]`` in [-1, 1] on the device, colour matched to the reference."""
+        video = vae_decode(self.vae, x0[None])
+        if job.req.color_correction > 0:
+            reference = job.reference[None, :, None].float().to(video.device)
+            video = match_and_blend_colors(video, reference, job.req.color_correction)
+        return video
+
+    def _emit(self, writer, job: _Job, k: int, video: torch.Tensor) -> None:
+        """Write the chunk's new frames (chunk 0 whole, later chunks without their context frames),
+        cut at the video's length. Only rank 0 encodes."""
+        new = video[0] if k == 0 else video[0, :, job.plan.motion_frames_per_chunk[k]:]
+        keep = min(new.shape[1], job.total_frames - job.frames_done)
+        if keep <= 0:
+            return
+        if self.parallel is None or self.parallel.is_main:
+            writer.write(frames_to_uint8(new[:, :keep]))
+        job.frames_done += keep
+
+    def _open_writer(self, out_path: Path, job: _Job):
+        from . import media
+
+        if self.parallel is not None and not self.parallel.is_main:
+            return _NoVideo(out_path)
+        return media.VideoWriter(out_path, job.width, job.height, fps=FPS, crf=int(job.req.crf),
+                                 audio_path=job.soundtrack, duration=job.total_frames / FPS)
+
+    @contextlib.contextmanager
+    def _step_cache(self, req: GenerationRequest):
+        """The step cache for this request (a no-op handle when it is off)."""
+        yield _NO_CACHE
+
+
+# ----------------------------------------------------------------------------------------------
+# One video's state
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """One video, prepared once by :meth:`InfiniteTalkPipeline._prepare`; the chunk loop reads it."""
+
+    req: GenerationRequest
+    width: int
+    height: int
+    plan: ChunkPlan
+    seed: int
+    generator: torch.Generator  # the noise of every chunk (CPU, as the official code)
+    timesteps: torch.Tensor
+    embeddings: list[torch.Tensor]  # wav2vec2 features per speaker, [T, layers, hidden] float32 on the CPU
+    audio_index: torch.Tensor  # feature frame of each (end-padded) audio frame
+    reference: torch.Tensor  # the conditioning frame, [3, H, W] in [-1, 1]
+    reader: object | None  # V2V: the source video (a frame per chunk)
+    clip: torch.Tensor
+    y: torch.Tensor
+    prompt: torch.Tensor
+    negative: torch.Tensor
+    ref_masks: torch.Tensor | None  # two speakers: class masks at latent resolution
+    soundtrack: Path
+    audio_seconds: float
+    frames_done: int = 0
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def total_frames(self) -> int:
+        return self.plan.final_frame_count
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+    def result(self, path: Path, seconds: float) -> GenerationResult:
+        self.timings["total"] = seconds
+        return GenerationResult(path, self.seed, self.frames_done, FPS, self.width, self.height, self.plan.num_chunks,
+                                self.frames_done / FPS, self.audio_seconds, self.timings)
+
+
+@dataclass
+class _ChunkInputs:
+    """What one chunk is conditioned on (:meth:`InfiniteTalkPipeline._chunk_inputs`)."""
+
+    clip: torch.Tensor
+    y: torch.Tensor
+    motion: torch.Tensor  # clean context latents [16, n_m, h, w]
+    audio: torch.Tensor  # audio windows [1, P, 81, 5, layers, hidden] on the device
+    noise: torch.Tensor  # [16, 21, h, w] (CPU)
+
+
+class _NoCache:
+    """The step-cache handle when the cache is off."""
+
+    def reset(self) -> None:
+        pass
+
+    skipped = None
+
+
+_NO_CACHE = _NoCache()
+
+
+class _Progress:
+    """Progress of one video: terminal bars, the caller's callback (raise there to cancel), per-chunk
+    timings and, with several GPUs, the ranks' agreement to stop at the same step.
+
+    Every denoising step is reported, then the last step again once the chunk is written.
+    """
+
+    def __init__(self, pipe: InfiniteTalkPipeline, callback: ProgressCallback | None, job: _Job, show: bool):
+        self.pipe, self.callback, self.job, self.show = pipe, callback, job, show
+        self.num_steps = len(job.timesteps) - 1
+        self.chunks = tqdm(total=job.plan.num_chunks, desc="chunks", unit="chunk", disable=not show)
+        self.steps = None
+        self.k = 0
+        self.t_chunk = self.t_sampled = 0.0
+        self.t_loop = time.perf_counter()
+
+    def chunk_started(self, k: int) -> None:
+        self.k = k
+        self.steps = tqdm(total=self.num_steps, desc=f"chunk {k + 1}/{self.job.plan.num_chunks}", unit="step",
+                          leave=False, disable=not self.show)
+        self.t_chunk = time.perf_counter()
+
+    def on_step(self, i: int, _num_steps: int, _x) -> None:
+        self.steps.update(1)
+        self.report(i + 1)
+
+    def sampled(self) -> None:
+        self.steps.close()
+        self.t_sampled = _sync_time(self.pipe.device)
+
+    def chunk_done(self, cache) -> None:
+        self.chunks.update(1)
+        timings = self.job.timings
+        if cache.skipped is not None:
+            timings.setdefault("step_cache_skipped", []).append(cache.skipped)
+        t_done = _sync_time(self.pipe.device)
+        timings.setdefault("sampling_per_chunk", []).append(self.t_sampled - self.t_chunk)
+        timings.setdefault("chunk_seconds", []).append(t_done - self.t_chunk)
+        self.report(self.num_steps)
+
+    def report(self, step: int) -> None:
+        event = ProgressEvent(self.k, self.job.plan.num_chunks, step, self.num_steps, self.job.frames_done,
+                              self.job.total_frames)
+        error = None
+        if self.callback is not None:
+            try:
+                self.callback(event)
+            except BaseException as exc:  # noqa: BLE001 (re-raised by stop_together, after the ranks agree)
+                error = exc
+        stop_together(self.pipe.parallel, error)
+
+    def close(self) -> None:
+        if self.steps is not None:
+            self.steps.close()
+        self.chunks.close()
+        self.job.timings["chunks"] = time.perf_counter() - self.t_loop
+
+
+def _plan(req: GenerationRequest, num_audio_frames: int) -> ChunkPlan:
+    """The chunk plan of the audio's frames, cut at ``max_duration`` when that is shorter."""
+    max_frames = None if req.max_duration is None else max(1, int(round(req.max_duration * FPS)))
+    if max_frames is not None and max_frames >= num_audio_frames:
+        max_frames = None
+    return plan_chunks(num_audio_frames, max_frames=max_frames, frame_num=FRAME_NUM, motion_frames=MOTION_FRAMES)
 
 
 MEMORY_MODES = ("none", "fp8", "offload")
@@ -691,6 +751,7 @@ def _clip_preprocessing(path: Path):
 
 __all__ = [
     "DEFAULT_NEGATIVE_PROMPT",
+    "DEFAULT_PROMPT",
     "GenerationCancelled",
     "GenerationError",
     "GenerationRequest",

@@ -21,7 +21,6 @@ from infinitetalk.audio import (
     num_video_frames,
     pad_audio_end,
     probe_audio,
-    probe_duration,
 )
 from infinitetalk.errors import InputError
 
@@ -167,7 +166,7 @@ def test_stereo_is_mean_of_channels(tmp_path):
 def test_probe(media):
     info = probe_audio(media["mp4"])
     assert info.channels == 1 and info.sample_rate in (16000, 44100, 48000)
-    assert 3.9 < probe_duration(media["m4a"]) < 4.4
+    assert 3.9 < probe_audio(media["m4a"]).duration < 4.4
     with pytest.raises(InputError):
         probe_audio(media["noaudio"])
 
@@ -216,6 +215,17 @@ def test_end_padding_mirrors_tail():
     q = pad_audio_end(short, 13)[:, 0].tolist()
     assert len(q) == 18 and q[:7] == [0, 1, 2, 3, 4, 4, 3]
     assert all(abs(a - b) <= 1 for a, b in zip(q, q[1:]))
+
+
+@pytest.mark.parametrize(("length", "miss", "start"), [(400, 44, 360), (5, 13, 0), (90, 3, 9), (30, 54, 0)])
+def test_windows_through_a_padded_index_equal_the_padded_copy(length, miss, start):
+    """The pipeline pads a frame index, not the features: same windows, no whole-audio copy."""
+    g = torch.Generator().manual_seed(length)
+    emb = torch.randn(length, 3, 4, generator=g)
+    index = pad_audio_end(torch.arange(length), miss)
+    assert index.dtype == torch.long and index.shape[0] == length + miss
+    copied = gather_windows(pad_audio_end(emb, miss), start, 81)
+    assert torch.equal(gather_windows(emb, start, 81, index=index), copied)
 
 
 # ----------------------------------------------------------------------------- speakers
