@@ -39,6 +39,20 @@ def _number(value, integer: bool):
     return int(value) if integer and float(value).is_integer() else value
 
 
+def _constraints(field, integer: bool) -> dict:
+    """The description, ranges, lengths, pattern and deprecation of one input, as JSON schema keys."""
+    values = {
+        "description": field.description,
+        "minimum": _number(field.ge, integer),
+        "maximum": _number(field.le, integer),
+        "minLength": field.min_length,
+        "maxLength": field.max_length,
+        "pattern": field.regex,
+        "deprecated": True if field.deprecated else None,
+    }
+    return {key: value for key, value in values.items() if value is not None}
+
+
 def build_schema(module: str = "predict", cls: str = "Predictor") -> dict:
     sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
@@ -79,20 +93,7 @@ def build_schema(module: str = "predict", cls: str = "Predictor") -> dict:
             prop["default"] = default
         if nullable:
             prop["nullable"] = True
-        if field.description is not None:
-            prop["description"] = field.description
-        if field.ge is not None:
-            prop["minimum"] = _number(field.ge, integer)
-        if field.le is not None:
-            prop["maximum"] = _number(field.le, integer)
-        if field.min_length is not None:
-            prop["minLength"] = field.min_length
-        if field.max_length is not None:
-            prop["maxLength"] = field.max_length
-        if field.regex is not None:
-            prop["pattern"] = field.regex
-        if field.deprecated:
-            prop["deprecated"] = True
+        prop.update(_constraints(field, integer))
         accept = getattr(raw, "accept", None) if isinstance(raw, cog.FieldInfo) else None
         if accept:
             prop["x-cog-accept"] = accept

@@ -94,12 +94,6 @@ class _Recorder:
 def run_dit_cases(golden: Path) -> list[CaseResult]:
     from safetensors.torch import load_file
 
-    from infinitetalk.models.transformer_infinitetalk import (
-        audio_rope_positions,
-        label_rope_positions,
-        reference_attention_map,
-    )
-
     needed = ["tiny_dit_config.json", "tiny_dit.safetensors", "tiny_dit_cases.safetensors"]
     if not all((golden / n).exists() for n in needed):
         return []
@@ -121,37 +115,54 @@ def run_dit_cases(golden: Path) -> list[CaseResult]:
         with torch.no_grad(), _Recorder(model) as rec:
             out = model(latents, t, context, clip, audio[None], ref_target_masks=masks, return_dict=False)[0]
         results.append(compare(f"dit.{name}.output", out, cases[f"{name}.output"], rel_tol=REL_TOL))
-        for key, ref in sorted(cases.items()):
-            if key.startswith("shared.") and not shared_checked and key in rec.out:
-                results.append(compare(f"dit.{key}", rec.out[key], ref, rel_tol=REL_TOL))
-            if not key.startswith(name + "."):
-                continue
-            short = key[len(name) + 1 :]
-            if short in rec.out:
-                # audio_proj_out is [P, N_t, K, O]: per person, before concatenation
-                results.append(compare(f"dit.{key}", rec.out[short], ref, rel_tol=REL_TOL))
+        results += _recorded_cases(name, cases, rec.out, shared=not shared_checked)
         shared_checked = True
-        # Reference attention map and L-RoPE positions from the captured self-attention inputs.
-        n_t, n_h, n_w = latents.shape[2], latents.shape[3] // 2, latents.shape[4] // 2
         if masks is not None:
-            token_masks = model.token_masks(masks, n_h, n_w)
-            for i in range(len(model.blocks)):
-                key = f"{name}.block{i}_x_ref_attn_map"
-                if key not in cases or i not in rec.attn1_in:
-                    continue
-                hidden, rope = rec.attn1_in[i]
-                ref_map = reference_attention_map(model.blocks[i].attn1, hidden, rope, token_masks, n_h * n_w)
-                results.append(compare(f"dit.{key}", ref_map[0], cases[key], rel_tol=REL_TOL))
-                pos_key = f"{name}.block{i}_lrope_pos_visual"
-                if pos_key in cases:
-                    results.append(compare(f"dit.{pos_key}", label_rope_positions(ref_map)[0], cases[pos_key], rel_tol=REL_TOL))
-                apos_key = f"{name}.block{i}_lrope_pos_audio"
-                if apos_key in cases:
-                    per_frame = cases[apos_key].numel() // n_t
-                    ours = audio_rope_positions(per_frame).repeat(n_t)
-                    results.append(compare(f"dit.{apos_key}", ours, cases[apos_key], rel_tol=REL_TOL))
+            results += _speaker_map_cases(name, cases, model, rec.attn1_in, latents.shape[2:], masks)
     if "audio_window_index.first" in cases:
         results.extend(_window_index_cases(cases, model.config.vae_scale if model else 4))
+    return results
+
+
+def _recorded_cases(name: str, cases: dict, recorded: dict, shared: bool) -> list[CaseResult]:
+    """The intermediate tensors captured in one case's forward against the golden ones (the
+    ``shared.*`` tensors, equal in every case, only once)."""
+    results = []
+    for key, ref in sorted(cases.items()):
+        if shared and key.startswith("shared.") and key in recorded:
+            results.append(compare(f"dit.{key}", recorded[key], ref, rel_tol=REL_TOL))
+        short = key[len(name) + 1 :]
+        if key.startswith(name + ".") and short in recorded:
+            # audio_proj_out is [P, N_t, K, O]: per person, before concatenation
+            results.append(compare(f"dit.{key}", recorded[short], ref, rel_tol=REL_TOL))
+    return results
+
+
+def _speaker_map_cases(name: str, cases: dict, model, attn1_in: dict, grid, masks) -> list[CaseResult]:
+    """Two speakers: reference attention map and L-RoPE positions from the captured self-attention inputs."""
+    from infinitetalk.models.transformer_infinitetalk import (
+        audio_rope_positions,
+        label_rope_positions,
+        reference_attention_map,
+    )
+
+    n_t, n_h, n_w = grid[0], grid[1] // 2, grid[2] // 2
+    token_masks = model.token_masks(masks, n_h, n_w)
+    results = []
+    for i in range(len(model.blocks)):
+        key = f"{name}.block{i}_x_ref_attn_map"
+        if key not in cases or i not in attn1_in:
+            continue
+        hidden, rope = attn1_in[i]
+        ref_map = reference_attention_map(model.blocks[i].attn1, hidden, rope, token_masks, n_h * n_w)
+        results.append(compare(f"dit.{key}", ref_map[0], cases[key], rel_tol=REL_TOL))
+        pos_key = f"{name}.block{i}_lrope_pos_visual"
+        if pos_key in cases:
+            results.append(compare(f"dit.{pos_key}", label_rope_positions(ref_map)[0], cases[pos_key], rel_tol=REL_TOL))
+        apos_key = f"{name}.block{i}_lrope_pos_audio"
+        if apos_key in cases:
+            ours = audio_rope_positions(cases[apos_key].numel() // n_t).repeat(n_t)
+            results.append(compare(f"dit.{apos_key}", ours, cases[apos_key], rel_tol=REL_TOL))
     return results
 
 
