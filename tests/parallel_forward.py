@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infinitetalk import parallel  # noqa: E402
 from infinitetalk.models import InfiniteTalkTransformer3DModel  # noqa: E402
-from infinitetalk.step_cache import StepCache  # noqa: E402
+from infinitetalk.step_cache import StepCacheConfig, step_cache_stats  # noqa: E402
 
 CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=36, out_channels=16,
               text_dim=32, freq_dim=32, ffn_dim=96, num_layers=2, image_dim=24, added_kv_proj_dim=64,
@@ -60,12 +60,13 @@ def run(model) -> dict[str, torch.Tensor]:
                                            return_dict=False)[0]
     # Step cache: the second call at a nearby timestep reuses the first call's block residual.
     lat, text, clip, audio, _ = inputs(1)
-    cache = StepCache(threshold=1e9, warmup_steps=1)
-    for t in (700.0, 699.0):
-        res = model(lat, torch.tensor([t]), text, clip, audio, return_dict=False, step_cache=cache,
-                    cache_branch="cond")[0]
+    model.enable_cache(StepCacheConfig(threshold=1e9, warmup_steps=1))
+    with model.cache_context("cond"):
+        for t in (700.0, 699.0):
+            res = model(lat, torch.tensor([t]), text, clip, audio, return_dict=False)[0]
     out["cached"] = res
-    out["skipped"] = torch.tensor(cache.skipped)
+    out["skipped"] = torch.tensor(step_cache_stats(model)[1])
+    model.disable_cache()
     return out
 
 

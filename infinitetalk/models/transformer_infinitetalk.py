@@ -22,9 +22,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.hooks import HookRegistry
 from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.attention import AttentionMixin, AttentionModuleMixin, FeedForward
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin, FeedForward
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -37,10 +38,13 @@ from diffusers.models.transformers.transformer_wan import (
     WanTimeTextImageEmbedding,
 )
 
+from ..step_cache import StepCacheConfig, apply_step_cache, remove_step_cache
+
 __all__ = [
     "AudioProjModel",
     "InfiniteTalkAudioAttention",
     "InfiniteTalkAudioAttnProcessor",
+    "InfiniteTalkBlocks",
     "InfiniteTalkTransformer3DModel",
     "InfiniteTalkTransformerBlock",
     "SequenceShard",
@@ -437,7 +441,8 @@ class InfiniteTalkTransformerBlock(nn.Module):
         ref_masks: torch.Tensor | None = None,
         shard: SequenceShard | None = None,
     ) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (self.scale_shift_table + temb.float()).chunk(6, dim=1)
+        modulation = (self.scale_shift_table + temb.float()).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = modulation
 
         # 1. Self-attention (modulated, gated residual)
         norm_hidden = (self.norm1(hidden_states.float()) * (1 + scale_msa) + shift_msa).type_as(hidden_states)
@@ -470,12 +475,44 @@ class InfiniteTalkTransformerBlock(nn.Module):
         return (hidden_states.float() + ff_out.float() * c_gate).type_as(hidden_states)
 
 
+class InfiniteTalkBlocks(nn.ModuleList):
+    """The block stack as one module: calling it runs the blocks in order on ``hidden_states``.
+
+    Still a ``ModuleList`` (state-dict keys stay ``blocks.N.*``, group offloading finds the blocks,
+    regional compile compiles each block, not this list).  It is the module the step cache hook
+    (:mod:`infinitetalk.step_cache`) wraps: it reads ``hidden_states`` and ``temb`` by name.
+    """
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        temb: torch.Tensor,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor],
+        audio_hidden_states: torch.Tensor,
+        num_frames: int,
+        ref_masks: torch.Tensor | None = None,
+        shard: SequenceShard | None = None,
+    ) -> torch.Tensor:
+        """The arguments of :meth:`InfiniteTalkTransformerBlock.forward`; returns the last block's output."""
+        for block in self:
+            hidden_states = block(
+                hidden_states, encoder_hidden_states, temb, rotary_emb, audio_hidden_states, num_frames, ref_masks,
+                shard,
+            )
+        return hidden_states
+
+
 class InfiniteTalkTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixin):
     r"""The InfiniteTalk DiT: Wan2.1-I2V transformer with per-block audio cross-attention.
 
     The first 13 config fields are those of diffusers' ``WanTransformer3DModel`` (so a Wan
     ``transformer/config.json`` builds the base); the ``audio_*`` fields describe the audio
     modules (defaults: the 14B model with chinese-wav2vec2-base, 12 layers x 768).
+
+    Caching: ``enable_cache(StepCacheConfig(...))`` puts the step cache on the block stack (see
+    :mod:`infinitetalk.step_cache`); every model call then runs inside
+    ``with model.cache_context(branch):``.  Other diffusers cache configs go to ``CacheMixin``.
     """
 
     _supports_gradient_checkpointing = False
@@ -549,7 +586,7 @@ class InfiniteTalkTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
             context_tokens=audio_context_tokens,
             norm_output=norm_output_audio,
         )
-        self.blocks = nn.ModuleList(
+        self.blocks = InfiniteTalkBlocks(
             [
                 InfiniteTalkTransformerBlock(
                     inner_dim,
@@ -572,6 +609,28 @@ class InfiniteTalkTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
 
     # ---------------------------------------------------------------------------------------
+    def enable_cache(self, config) -> None:
+        """A :class:`~infinitetalk.step_cache.StepCacheConfig` enables the step cache on ``self.blocks``;
+        any other config is diffusers' (``CacheMixin.enable_cache``)."""
+        if not isinstance(config, StepCacheConfig):
+            super().enable_cache(config)
+            return
+        if self.is_cache_enabled:
+            raise ValueError(f"a cache is already enabled ({type(self._cache_config).__name__}); disable it first")
+        apply_step_cache(self.blocks, config)
+        # cache_context reaches hooks through a cached list of child registries: rebuild it.
+        HookRegistry.check_if_exists_or_initialize(self).invalidate_child_registries_cache()
+        self._cache_config = config
+
+    def disable_cache(self) -> None:
+        """Remove the step cache (or, for diffusers' caches, ``CacheMixin.disable_cache``)."""
+        if not isinstance(self._cache_config, StepCacheConfig):
+            super().disable_cache()
+            return
+        remove_step_cache(self)
+        HookRegistry.check_if_exists_or_initialize(self).invalidate_child_registries_cache()
+        self._cache_config = None
+
     def _context_parallel_group(self):
         """The process group the tokens are split over, or None without context parallelism."""
         config = getattr(self, "_parallel_config", None)
@@ -602,9 +661,6 @@ class InfiniteTalkTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
         audio: torch.Tensor,
         ref_target_masks: torch.Tensor | None = None,
         return_dict: bool = True,
-        attention_kwargs: dict[str, Any] | None = None,
-        step_cache=None,
-        cache_branch: str | None = None,
     ) -> torch.Tensor | Transformer2DModelOutput:
         """
         Args:
@@ -617,9 +673,8 @@ class InfiniteTalkTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
             audio: ``[B, P, F, W, *feat]`` per-pixel-frame wav2vec2 windows, ``F = 1 + 4 (N_t - 1)``.
             ref_target_masks: ``[3, h, w]`` class masks at latent resolution (person1, person2,
                 background). Used only when ``P == 2`` (label RoPE); ignored for one speaker.
-            step_cache, cache_branch: an :class:`infinitetalk.step_cache.StepCache` and the guidance
-                branch of this call: the block stack may be skipped and the branch's cached residual
-                reused (off when ``None``).
+
+        With the step cache enabled (:meth:`enable_cache`), call inside ``with self.cache_context(branch):``.
         """
         batch, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.config.patch_size
@@ -663,16 +718,9 @@ class InfiniteTalkTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
         elif audio.shape[1] != 1:
             raise ValueError(f"audio has {audio.shape[1]} speakers; 1 or 2 are supported")
 
-        if step_cache is not None and step_cache.should_skip(cache_branch, timestep_proj):
-            hidden_states = hidden_states + step_cache.residual(cache_branch)
-        else:
-            blocks_in = hidden_states
-            for block in self.blocks:
-                hidden_states = block(
-                    hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, audio_tokens, n_t, masks, shard
-                )
-            if step_cache is not None:
-                step_cache.store(cache_branch, hidden_states - blocks_in)
+        hidden_states = self.blocks(
+            hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, audio_tokens, n_t, masks, shard
+        )
 
         shift, scale = (self.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
         hidden_states = (self.norm_out(hidden_states.float()) * (1 + scale) + shift).type_as(hidden_states)
