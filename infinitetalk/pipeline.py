@@ -46,6 +46,7 @@ from .errors import GenerationCancelled, InputError
 from .parallel import check_token_split, enable_sequence_parallel, stop_together
 from .request import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, GenerationRequest, choose_seed
 from .sampler import APGState, ContextLatents, get_timesteps, make_guided_denoiser
+from .step_cache import StepCacheConfig, reset_step_cache, step_cache_stats
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ class InfiniteTalkPipeline:
         self.turbo_only = False
         self.lora_adapter = None
         self.parallel = None  # a ParallelContext once the sequence is split over several GPUs
+        self.step_cache_options: dict = {}  # extra StepCacheConfig fields (the benchmark's calibration)
 
     def enable_sequence_parallel(self, context) -> None:
         """Split the transformer's tokens over the ranks of ``context`` (:mod:`infinitetalk.parallel`);
@@ -483,8 +485,16 @@ class InfiniteTalkPipeline:
 
     @contextlib.contextmanager
     def _step_cache(self, req: GenerationRequest):
-        """The step cache for this request (a no-op handle when it is off)."""
-        yield _NO_CACHE
+        """The step cache (a diffusers hook on the block stack) for this request, when it asks for one."""
+        if req.step_cache <= 0:
+            yield _StepCacheRun(None)
+            return
+        config = StepCacheConfig(req.step_cache, req.resolution, **self.step_cache_options)
+        self.transformer.enable_cache(config)
+        try:
+            yield _StepCacheRun(self.transformer)
+        finally:
+            self.transformer.disable_cache()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,16 +552,20 @@ class _ChunkInputs:
     noise: torch.Tensor  # [16, 21, h, w] (CPU)
 
 
-class _NoCache:
-    """The step-cache handle when the cache is off."""
+class _StepCacheRun:
+    """The step cache of one request, per chunk: a fresh cache and, after the chunk, what it skipped."""
+
+    def __init__(self, transformer) -> None:
+        self.transformer = transformer
 
     def reset(self) -> None:
-        pass
+        if self.transformer is not None:
+            reset_step_cache(self.transformer)
 
-    skipped = None
-
-
-_NO_CACHE = _NoCache()
+    @property
+    def skipped(self) -> int | None:
+        stats = None if self.transformer is None else step_cache_stats(self.transformer)
+        return None if stats is None else stats[1]
 
 
 class _Progress:
