@@ -156,13 +156,11 @@ class TurboLoRA:
                 self._transformer.disable_lora()
             for _, layer in _lora_layers(self._transformer):  # PEFT marks enabled adapters trainable
                 layer.requires_grad_(False)
-        copies = _offload_copies(self._transformer) if self._swaps else {}
+        if self._swaps:
+            _check_offload_in_memory(self._transformer)
         for param, exact, turbo in self._swaps:
-            value = turbo if enabled else exact
-            param.copy_(value)
-            held = copies.get(param)
-            if held is not None and held.data_ptr() != param.data_ptr():
-                held.copy_(value)
+            # In place: with group offloading the parameter holds the CPU copy it is onloaded from.
+            param.copy_(turbo if enabled else exact)
         self._enabled = enabled
 
 
@@ -340,21 +338,12 @@ def _check_load_order(transformer) -> None:
         raise ValueError("the turbo LoRA is already loaded on this transformer")
 
 
-def _offload_copies(transformer) -> dict[torch.nn.Parameter, torch.Tensor]:
-    """The CPU copies diffusers' group offloading (with streams) onloads from, by parameter.
-
-    A value written only into such a parameter would be replaced by the stale copy at its next
-    onload, so :meth:`TurboLoRA.set_enabled` writes both.
-    """
-    copies: dict[torch.nn.Parameter, torch.Tensor] = {}
+def _check_offload_in_memory(transformer) -> None:
+    """Group offloading to disk reloads weights from its own files: a mode switch would not reach them."""
     for module in transformer.modules():
         group = _group_offload_group(module)
-        if group is None:
-            continue
-        if getattr(group, "offload_to_disk_path", None) is not None:
+        if group is not None and getattr(group, "offload_to_disk_path", None) is not None:
             raise RuntimeError("switching the turbo LoRA is not supported with group offloading to disk")
-        copies.update(getattr(group, "cpu_param_dict", None) or {})
-    return copies
 
 
 # ---------------------------------------------------------------------------- transitional

@@ -348,16 +348,15 @@ def test_compiled_model_switches_between_exact_and_turbo(real_lora, load):
     torch._dynamo.reset()
 
 
-def _offload_case(load, real_lora, device, use_stream):
+def _offload_case(load, real_lora, device, offload):
     model, fused, plain = load().to(device), load().to(device), load().to(device)
     turbo = TurboLoRA.load(model, real_lora)
     TurboLoRA.load(fused, real_lora, fuse=True)
     inputs = tuple(t.to(device) for t in _inputs(model))
     exact_ref, turbo_ref = _run(plain, inputs), _run(fused, inputs)
     model.to("cpu")
-    model.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
-                               offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream)
-    turbo.set_enabled(True)  # before the first forward: the offloaded copies must see it
+    offload(model)
+    turbo.set_enabled(True)  # before the first forward: the weights it onloads must be turbo's
     first = _run(model, inputs)
     turbo.set_enabled(False)
     exact = _run(model, inputs)
@@ -367,13 +366,42 @@ def _offload_case(load, real_lora, device, use_stream):
     assert _rel(exact, exact_ref) < 1e-5
 
 
+def _group_offload(device: str, use_stream: bool):
+    def enable(model):
+        model.enable_group_offload(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                                   offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream)
+
+    return enable
+
+
 def test_group_offload_keeps_both_modes(real_lora, load):
-    _offload_case(load, real_lora, "cpu", use_stream=False)
+    _offload_case(load, real_lora, "cpu", _group_offload("cpu", use_stream=False))
+
+
+def test_group_offload_with_streams_keeps_both_modes_emulated_on_cpu(real_lora, load, monkeypatch):
+    """The pipeline's offload mode (streams, pinned CPU copies that each onload reads) emulated on the CPU:
+    the CPU copies are separate tensors, as pinning makes them; the CPU has no stream to wait for."""
+    from contextlib import contextmanager
+
+    from diffusers.hooks import group_offloading as go
+
+    @contextmanager
+    def already_pinned(group):
+        yield group.cpu_param_dict
+
+    monkeypatch.setattr(go.ModuleGroup, "_to_cpu", staticmethod(lambda tensor, low_cpu_mem_usage: tensor.data.clone()))
+    monkeypatch.setattr(go.ModuleGroup, "_pinned_memory_tensors", already_pinned)
+    monkeypatch.setattr(torch.cpu.Stream, "synchronize", lambda self: None, raising=False)
+    cpu = torch.device("cpu")
+    config = go.GroupOffloadingConfig(
+        onload_device=cpu, offload_device=cpu, offload_type=go.GroupOffloadingType.BLOCK_LEVEL, non_blocking=False,
+        record_stream=False, low_cpu_mem_usage=False, num_blocks_per_group=1, stream=torch.cpu.Stream())
+    _offload_case(load, real_lora, "cpu", lambda model: go._apply_group_offloading(model, config))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="streams need CUDA")
 def test_group_offload_with_streams_keeps_both_modes(real_lora, load):
-    _offload_case(load, real_lora, "cuda", use_stream=True)
+    _offload_case(load, real_lora, "cuda", _group_offload("cuda", use_stream=True))
 
 
 # ---------------------------------------------------------------------------- files, pipeline
