@@ -29,7 +29,9 @@ parameters, written into the parameter when the mode switches.
 
 Load it **before** memory modes and ``torch.compile``: the adapter layers are then part of the
 compiled graph and of the offloaded groups. Switching modes costs one recompile the first time
-each mode runs; after that both graphs are cached.
+each mode runs; after that both graphs are cached. The adapter's own ``lora_A`` / ``lora_B`` are
+``nn.Linear`` children of the adapted layers (whose weights move to ``<layer>.base_layer``): a
+quantization filter over ``blocks.*`` linears should skip ``.lora_`` names.
 """
 
 from __future__ import annotations
