@@ -3,7 +3,7 @@
 
 Usage::
 
-    python scripts/make_tiny_weights.py DIR [--seed N] [--with-base-overrides]
+    python scripts/make_tiny_weights.py DIR [--seed N] [--with-base-overrides] [--with-turbo-lora]
 
 The folder mirrors what a production install downloads, with the same file
 names, folder names, config field names and state-dict key names, but with
@@ -15,6 +15,8 @@ tiny random models (a few MB in total, written in a few seconds, no network)::
     DIR/InfiniteTalk/single/infinitetalk.safetensors   official audio keys (fp32)
     DIR/InfiniteTalk/multi/infinitetalk.safetensors    same keys, other values
     DIR/chinese-wav2vec2-base/                         HF Wav2Vec2Model, legacy weight_g/weight_v names
+    DIR/lightx2v/<TURBO_FILE>                          only with --with-turbo-lora: the turbo LoRA, every key
+                                                       kind of the real file (see :func:`turbo_lora_shapes`)
 
 All sizes live in :data:`TINY` (a frozen :class:`TinySpec`) so tests can import
 them. Weights are random but sane: linear/conv weights N(0, 1/fan_in), biases
@@ -38,6 +40,12 @@ WAN_DIR = "Wan2.1-I2V-14B-480P-Diffusers"
 INFINITETALK_DIR = "InfiniteTalk"
 WAV2VEC_DIR = "chinese-wav2vec2-base"
 INFINITETALK_FILE = "infinitetalk.safetensors"
+
+#: The turbo LoRA's folder and file name (the same as ``infinitetalk.download.TURBO_DIR`` / ``TURBO_FILE``).
+TURBO_DIR = "lightx2v"
+TURBO_FILE = "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors"
+#: Rank of the tiny turbo LoRA (the real files: 32, 64 or 128).
+TURBO_RANK = 4
 
 #: Official Wan key that ``--with-base-overrides`` adds to the *single* file.
 BASE_OVERRIDE_KEY = "blocks.0.self_attn.q.weight"
@@ -459,6 +467,85 @@ def write_infinitetalk(root: Path, spec: TinySpec, gen: torch.Generator, with_ba
         save_file(tensors, str(out / INFINITETALK_FILE), metadata={"format": "pt"})
 
 
+# --------------------------------------------------------------------------- turbo LoRA
+#
+# Key set of the lightx2v step/CFG-distill LoRAs for Wan2.1-I2V-14B-480P (e.g. Kijai/WanVideo_comfy
+# Lightx2v/lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors). No listing of the file
+# itself was available offline; the set follows from how lightx2v extracts these files from the
+# distilled model (ModelTC/LightX2V tools/extract/lora_extractor.py, and its docs' table of key
+# kinds): every parameter of the official Wan2.1-I2V model that changed is written under
+# ``diffusion_model.`` + its official name as
+#   * ``lora_down.weight`` / ``lora_up.weight`` for 2-D weights of at least 1M elements (every
+#     attention / FFN linear of every block, text/time embeddings, time projection, img_emb.proj.1/3),
+#   * ``.diff`` for the other weights (norm_q / norm_k / norm_k_img, norm3, img_emb.proj.0/4,
+#     patch_embedding [5120, 36, 1, 2, 2], and head.head: 64 x 5120 < 1M),
+#   * ``.diff_b`` for every bias, ``.diff_m`` for ``blocks.N.modulation`` and ``head.modulation``,
+#   * no ``.alpha``.
+# Public reports on the released files agree: ``blocks.N.diff_m`` (kijai/ComfyUI-WanVideoWrapper
+# issue 807, the rank-64 I2V file), ``cross_attn.norm_k_img.diff`` (deepbeepmeep/Wan2GP issue 524, the
+# rank-32 I2V file), ``k_img`` / ``v_img`` factors with ``diff_b`` (huggingface/diffusers PR 12040,
+# the rank-128 file), ``patch_embedding.diff`` [5120, 36, 1, 2, 2] and a full ``head.head`` delta.
+# The T2V rank-32 file that download.py fetches was made from the T2V model: it would lack the image
+# branch (k_img, v_img, norm_k_img, img_emb); the tiny file carries the I2V superset.
+
+
+def turbo_lora_shapes(spec: TinySpec = TINY, rank: int = TURBO_RANK) -> dict[str, tuple[int, ...]]:
+    """Every key of the turbo LoRA (official names, ``diffusion_model.`` prefix) and its tiny shape."""
+    d, f, img = spec.inner_dim, spec.ffn_dim, spec.clip_hidden
+    linears: dict[str, tuple[int, int]] = {  # official module -> (out, in)
+        "text_embedding.0": (d, spec.t5_d_model), "text_embedding.2": (d, d),
+        "time_embedding.0": (d, spec.freq_dim), "time_embedding.2": (d, d),
+        "time_projection.1": (6 * d, d), "img_emb.proj.1": (img, img), "img_emb.proj.3": (d, img),
+    }  # fmt: skip
+    patch = 1
+    for p in spec.patch_size:
+        patch *= p
+    full: dict[str, tuple[int, ...]] = {  # official parameter -> shape
+        "patch_embedding.weight": (d, spec.in_channels, *spec.patch_size), "patch_embedding.bias": (d,),
+        "head.head.weight": (spec.out_channels * patch, d), "head.head.bias": (spec.out_channels * patch,),
+        "head.modulation": (1, 2, d), "img_emb.proj.0.weight": (img,), "img_emb.proj.0.bias": (img,),
+        "img_emb.proj.4.weight": (d,), "img_emb.proj.4.bias": (d,),
+    }  # fmt: skip
+    for b in range(spec.num_layers):
+        p = f"blocks.{b}."
+        for attn in ("self_attn", "cross_attn"):
+            linears.update({f"{p}{attn}.{x}": (d, d) for x in "qkvo"})
+            full.update({f"{p}{attn}.norm_q.weight": (d,), f"{p}{attn}.norm_k.weight": (d,)})
+        linears.update({p + "cross_attn.k_img": (d, d), p + "cross_attn.v_img": (d, d)})
+        linears.update({p + "ffn.0": (f, d), p + "ffn.2": (d, f)})
+        full.update(
+            {
+                p + "cross_attn.norm_k_img.weight": (d,),
+                p + "norm3.weight": (d,),
+                p + "norm3.bias": (d,),
+                p + "modulation": (1, 6, d),
+            }
+        )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for module, (out, inp) in linears.items():
+        shapes[f"diffusion_model.{module}.lora_down.weight"] = (rank, inp)
+        shapes[f"diffusion_model.{module}.lora_up.weight"] = (out, rank)
+        shapes[f"diffusion_model.{module}.diff_b"] = (out,)
+    suffix = {"weight": "diff", "bias": "diff_b", "modulation": "diff_m"}
+    for name, shape in full.items():
+        stem, _, leaf = name.rpartition(".")
+        shapes[f"diffusion_model.{stem}.{suffix[leaf]}"] = shape
+    return shapes
+
+
+def write_turbo_lora(root: Path, spec: TinySpec = TINY, seed: int = 0, rank: int = TURBO_RANK) -> Path:
+    """``root/lightx2v/<TURBO_FILE>``: bf16 like the real file; small deltas keep the model finite."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, shape in turbo_lora_shapes(spec, rank).items():
+        scale = 0.3 if key.endswith((".lora_down.weight", ".lora_up.weight")) else 0.02
+        tensors[key] = (torch.randn(shape, generator=gen) * scale).to(torch.bfloat16).contiguous()
+    out = root / TURBO_DIR / TURBO_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out))
+    return out
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -477,8 +564,17 @@ def _folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def make_tiny_weights(out_dir: Path, seed: int = 0, with_base_overrides: bool = False, spec: TinySpec = TINY) -> Path:
-    """Write the whole tiny weights tree into ``out_dir``; return ``out_dir``."""
+def make_tiny_weights(
+    out_dir: Path,
+    seed: int = 0,
+    with_base_overrides: bool = False,
+    spec: TinySpec = TINY,
+    with_turbo_lora: bool = False,
+) -> Path:
+    """Write the whole tiny weights tree into ``out_dir``; return ``out_dir``.
+
+    The turbo LoRA is opt-in: a pipeline loaded from a folder that has one attaches it.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -494,6 +590,8 @@ def make_tiny_weights(out_dir: Path, seed: int = 0, with_base_overrides: bool = 
     write_scheduler(wan)
     write_infinitetalk(out_dir, spec, gen, with_base_overrides)
     write_wav2vec2(out_dir, spec, gen)
+    if with_turbo_lora:  # its own generator: the other files stay the same with or without it
+        write_turbo_lora(out_dir, spec, seed)
     return out_dir
 
 
@@ -506,10 +604,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"also put the official base key {BASE_OVERRIDE_KEY!r} into single/{INFINITETALK_FILE}",
     )
+    parser.add_argument(
+        "--with-turbo-lora",
+        action="store_true",
+        help=f"also write the turbo LoRA {TURBO_DIR}/{TURBO_FILE} (every key kind of the real file)",
+    )
     args = parser.parse_args(argv)
     start = time.monotonic()
-    out = make_tiny_weights(args.out_dir, seed=args.seed, with_base_overrides=args.with_base_overrides)
-    for sub in (WAN_DIR, INFINITETALK_DIR, WAV2VEC_DIR):
+    out = make_tiny_weights(
+        args.out_dir, seed=args.seed, with_base_overrides=args.with_base_overrides, with_turbo_lora=args.with_turbo_lora
+    )
+    for sub in (WAN_DIR, INFINITETALK_DIR, WAV2VEC_DIR, TURBO_DIR)[: 3 + args.with_turbo_lora]:
         print(f"{out / sub}: {_folder_bytes(out / sub) / 1e6:.2f} MB")
     print(f"total {_folder_bytes(out) / 1e6:.2f} MB in {time.monotonic() - start:.1f} s (seed {args.seed})")
     return 0
