@@ -13,9 +13,9 @@ module names under ``diffusion_model.``, and per tensor one of
 As in the official InfiniteTalk ``WanLoraWrapper`` every delta is added at scale 1 with no
 alpha/rank normalisation (``W + up @ down``), so the PEFT adapter is created with
 ``lora_alpha == r`` for every module and its scaling is checked to be exactly 1. The official
-wrapper skips ``diff_m`` (its suffix test only knows ``diff`` and ``diff_b``); lightx2v, which
-writes these files, documents ``diff_m`` as the modulation delta, so it is applied by default
-(``modulation=False`` reproduces the official wrapper).
+wrapper skips ``diff_m`` (its suffix test only knows ``diff`` and ``diff_b``), and so do we by
+default, so turbo output stays the official one; lightx2v, which writes these files, documents
+``diff_m`` as the modulation delta: ``modulation=True`` applies it.
 
 Loading is strict: every key of the file is applied, or :meth:`TurboLoRA.load` raises a
 ``ValueError`` naming the keys that were not (unknown kinds, modules or parameters the model
@@ -100,13 +100,13 @@ class TurboLoRA:
     # ------------------------------------------------------------------ loading
     @classmethod
     @torch.no_grad()
-    def load(cls, transformer, path: str | Path, *, fuse: bool = False, modulation: bool = True) -> TurboLoRA:
+    def load(cls, transformer, path: str | Path, *, fuse: bool = False, modulation: bool = False) -> TurboLoRA:
         """Apply the LoRA file at ``path`` to ``transformer`` (before memory modes and compile).
 
         ``fuse=True``: the deltas are merged into the weights and the adapter layers removed (a
         turbo-only model, no run-time cost). ``fuse=False``: a switchable adapter, disabled
-        (exact) until :meth:`set_enabled`. ``modulation=False`` ignores ``diff_m`` keys like the
-        official InfiniteTalk wrapper. Raises ``ValueError`` naming every key that cannot be
+        (exact) until :meth:`set_enabled`. ``diff_m`` keys are ignored like in the official
+        InfiniteTalk wrapper unless ``modulation=True``. Raises ``ValueError`` naming every key that cannot be
         applied; the model is then unchanged.
         """
         from safetensors.torch import load_file
@@ -346,29 +346,3 @@ def _check_offload_in_memory(transformer) -> None:
         group = _group_offload_group(module)
         if group is not None and getattr(group, "offload_to_disk_path", None) is not None:
             raise RuntimeError("switching the turbo LoRA is not supported with group offloading to disk")
-
-
-# ---------------------------------------------------------------------------- transitional
-
-
-class LoRAAdapter:
-    """Transitional: what ``pipeline.py`` constructs today; ``.enabled`` maps to :meth:`TurboLoRA.set_enabled`.
-
-    Remove once the pipeline calls :meth:`TurboLoRA.load` itself.
-    """
-
-    def __init__(self, transformer, path: str | Path):
-        self.turbo = TurboLoRA.load(transformer, path, fuse=False)
-
-    @property
-    def enabled(self) -> bool:
-        return self.turbo.enabled
-
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        self.turbo.set_enabled(value)
-
-
-def fuse_lora(transformer, path: str | Path) -> TurboLoRA:
-    """Transitional: ``TurboLoRA.load(transformer, path, fuse=True)``."""
-    return TurboLoRA.load(transformer, path, fuse=True)

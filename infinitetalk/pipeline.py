@@ -43,6 +43,7 @@ from .conditioning import (
     vae_encode,
 )
 from .errors import GenerationCancelled, InputError
+from .lora import TurboLoRA
 from .parallel import check_token_split, enable_sequence_parallel, stop_together
 from .request import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, GenerationRequest, choose_seed
 from .sampler import APGState, ContextLatents, get_timesteps, make_guided_denoiser
@@ -138,7 +139,7 @@ class InfiniteTalkPipeline:
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, image_encoder, audio_encoder, *,
                  device: torch.device, dtype: torch.dtype, clip_size: int = 224, clip_mean=CLIP_MEAN,
-                 clip_std=CLIP_STD, multi_weights: Path | None = None):
+                 clip_std=CLIP_STD, multi_weights: Path | None = None, turbo: TurboLoRA | None = None):
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
@@ -152,11 +153,19 @@ class InfiniteTalkPipeline:
         self._active_audio_set = "single"
         self._audio_sets: dict[str, dict[str, torch.Tensor]] = {}
         self._prompt_cache: dict[str, tuple[torch.Tensor, bool]] = {}
-        self.turbo_loaded = False
-        self.turbo_only = False
-        self.lora_adapter = None
+        self.turbo = turbo  # the distilled LoRA (switchable adapter, or fused into the weights)
         self.parallel = None  # a ParallelContext once the sequence is split over several GPUs
         self.step_cache_options: dict = {}  # extra StepCacheConfig fields (the benchmark's calibration)
+
+    @property
+    def turbo_loaded(self) -> bool:
+        """Turbo requests can be served (the LoRA is loaded)."""
+        return self.turbo is not None
+
+    @property
+    def turbo_only(self) -> bool:
+        """Only turbo requests can be served (the LoRA is fused into the weights)."""
+        return self.turbo is not None and self.turbo.fused
 
     def enable_sequence_parallel(self, context) -> None:
         """Split the transformer's tokens over the ranks of ``context`` (:mod:`infinitetalk.parallel`);
@@ -192,14 +201,10 @@ class InfiniteTalkPipeline:
         if attention_backend:
             transformer.set_attention_backend(attention_backend)
         lora_path = Path(turbo_lora) if turbo_lora else paths.turbo_lora
-        adapter = None
-        if lora_path is not None:
-            from .lora import LoRAAdapter, fuse_lora
-
-            if fuse_turbo:  # a turbo-only server: deltas added into the weights, no run-time cost
-                fuse_lora(transformer, lora_path)
-            else:
-                adapter = LoRAAdapter(transformer, lora_path)
+        # Before memory modes and compile: the adapter layers are then quantised/offloaded/compiled with
+        # the model (a hook added after compile would be ignored by the compiled graph). Fused: a
+        # turbo-only server, the deltas are in the weights and cost nothing at run time.
+        turbo = TurboLoRA.load(transformer, lora_path, fuse=fuse_turbo) if lora_path is not None else None
         apply_memory_mode(transformer, memory_mode, device, dtype)
         if compile:
             compile_transformer(transformer)
@@ -219,11 +224,8 @@ class InfiniteTalkPipeline:
         timings["wav2vec2"] = time.perf_counter() - t0
         size, mean, std = _clip_preprocessing(paths.base / "image_processor" / "preprocessor_config.json")
         pipe = cls(transformer, vae, text_encoder, tokenizer, image_encoder, audio_encoder, device=device,
-                   dtype=dtype, clip_size=size, clip_mean=mean, clip_std=std, multi_weights=paths.multi)
+                   dtype=dtype, clip_size=size, clip_mean=mean, clip_std=std, multi_weights=paths.multi, turbo=turbo)
         pipe.load_timings = timings
-        pipe.lora_adapter = adapter
-        pipe.turbo_loaded = lora_path is not None
-        pipe.turbo_only = bool(lora_path is not None and fuse_turbo)
         logger.info("loaded InfiniteTalk on %s (%s): %s", device, dtype,
                     ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
         return pipe
@@ -245,15 +247,28 @@ class InfiniteTalkPipeline:
 
         if "multi" not in self._audio_sets:
             multi = convert_official_state_dict_partial(load_file(str(self.multi_weights)))
-            params = dict(self.transformer.named_parameters())
+            self._check_turbo_overlap(multi)
+            params = _parameters(self.transformer)
             self._audio_sets["single"] = {k: params[k].detach().to("cpu", copy=True) for k in multi}
             self._audio_sets["multi"] = multi
-        params = dict(self.transformer.named_parameters())
+        params = _parameters(self.transformer)
         with torch.no_grad():
             for key, value in self._audio_sets[name].items():
                 params[key].copy_(value.to(params[key].dtype))
         self._active_audio_set = name
         logger.info("InfiniteTalk '%s' weights active", name)
+
+    def _check_turbo_overlap(self, keys) -> None:
+        """The speaker checkpoints may only swap weights the turbo LoRA leaves alone: a swap would drop
+        (fused) or desynchronise (adapter) the LoRA's delta of that weight."""
+        if self.turbo is None:
+            return
+        changed = set(self.turbo.delta_parameters) | {f"{m}.{p}" for m in self.turbo.lora_modules
+                                                      for p in ("weight", "bias")}
+        overlap = sorted(changed & set(keys))
+        if overlap:
+            raise GenerationError(f"the 'multi' checkpoint overrides {len(overlap)} weight(s) the turbo LoRA "
+                                  f"changes ({', '.join(overlap[:3])}); two speakers cannot be served with it")
 
     # ------------------------------------------------------------------ conditioning
     def _prompt_states(self, text: str) -> torch.Tensor:
@@ -334,8 +349,8 @@ class InfiniteTalkPipeline:
             raise InputError("turbo mode needs the distilled LoRA, which is not installed on this server")
         if not req.turbo and self.turbo_only:
             raise InputError("this server runs turbo mode only (the LoRA is fused into the weights)")
-        if self.lora_adapter is not None:
-            self.lora_adapter.enabled = bool(req.turbo)
+        if self.turbo is not None and not self.turbo.fused:
+            self.turbo.set_enabled(req.turbo)
 
     def _prepare(self, req: GenerationRequest, tmp: Path) -> _Job:
         """Everything fixed for the whole video: reference and size, audio features and the chunk
@@ -681,8 +696,10 @@ def quantize_fp8(transformer) -> int:
         nonlocal count
         # The audio attention stays bf16: its weights are swapped in place between the single and
         # multi checkpoints, which a quantised tensor cannot take.
+        # The turbo adapter's own lora_A/lora_B (rank 64) stay bf16; the layers they adapt (``base_layer``)
+        # are quantised.
         ok = isinstance(module, torch.nn.Linear) and fqn.startswith("blocks.") and ".audio_attn." not in fqn \
-            and module.in_features % 16 == 0 and module.out_features % 16 == 0
+            and ".lora_" not in fqn and module.in_features % 16 == 0 and module.out_features % 16 == 0
         count += ok
         return ok
 
@@ -738,6 +755,16 @@ class _NoVideo:
 
     def __exit__(self, *exc):
         return False
+
+
+def _parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters by their plain name: where the turbo adapter wraps a layer (PEFT moves its weight
+    to ``<layer>.base_layer.weight``) the plain name maps to the wrapped weight too."""
+    params = dict(module.named_parameters())
+    for name in list(params):
+        if ".base_layer." in name:
+            params.setdefault(name.replace(".base_layer.", "."), params[name])
+    return params
 
 
 def _sync_time(device: torch.device) -> float:

@@ -198,7 +198,7 @@ def test_real_key_set_loads_strictly_and_matches_the_official_arithmetic(real_lo
     kinds = {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1] if "lora_" in k else k.rsplit(".", 1)[-1] for k in keys}
     assert kinds == {"lora_down.weight", "lora_up.weight", "diff_b", "diff", "diff_m"}
     model, reference, plain = load(), load(), load()
-    turbo = TurboLoRA.load(model, real_lora)
+    turbo = TurboLoRA.load(model, real_lora, modulation=True)
     assert set(turbo.applied) == keys and not turbo.ignored  # every key of the file applied
     n = len(model.blocks)
     assert len(turbo.lora_modules) == 12 * n + 7  # + text/time embeddings, time projection, image embedder
@@ -206,7 +206,7 @@ def test_real_key_set_loads_strictly_and_matches_the_official_arithmetic(real_lo
     assert {"patch_embedding.weight", "proj_out.weight", "scale_shift_table", "blocks.1.scale_shift_table",
             "blocks.0.attn2.norm_added_k.weight", "condition_embedder.image_embedder.norm1.bias"} <= set(
         turbo.delta_parameters)
-    _official_reference(reference, real_lora)
+    _official_reference(reference, real_lora, modulation=True)
     inputs = _inputs(model)
     exact = _run(plain, inputs)
     assert torch.equal(_run(model, inputs), exact)
@@ -217,9 +217,9 @@ def test_real_key_set_loads_strictly_and_matches_the_official_arithmetic(real_lo
     assert torch.equal(_run(model, inputs), exact)
 
 
-def test_modulation_false_skips_diff_m_like_the_official_wrapper(real_lora, load):
+def test_by_default_diff_m_is_skipped_like_the_official_wrapper(real_lora, load):
     model, reference = load(), load()
-    turbo = TurboLoRA.load(model, real_lora, modulation=False)
+    turbo = TurboLoRA.load(model, real_lora)
     assert sorted(turbo.ignored) == sorted(k for k in load_file(str(real_lora)) if k.endswith(".diff_m"))
     _official_reference(reference, real_lora, modulation=False)
     turbo.set_enabled(True)
@@ -417,22 +417,48 @@ def test_tiny_lora_is_written_at_the_product_path(tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in load_file(str(tmp_path / TURBO_DIR / TURBO_FILE)).values())
 
 
-def test_pipeline_turbo_mode(tmp_path, tiny_weights, portrait, make_speech):
-    from infinitetalk.media import ffprobe_streams
+def test_pipeline_turbo_and_exact_requests_on_one_pipeline(tmp_path, tiny_weights, portrait, make_speech,
+                                                           monkeypatch):
+    """Successive turbo / exact / turbo requests on one pipeline with the adapter give the latents of the
+    official arithmetic (the old hook path: W + up @ down and the deltas, in fp32) and of the plain model,
+    within 1e-6; a pipeline without the LoRA refuses turbo, a fused one refuses exact."""
     from infinitetalk.pipeline import GenerationRequest, InfiniteTalkPipeline
 
-    speech = make_speech(2.0, "turbo")
-    plain = InfiniteTalkPipeline.from_pretrained(tiny_weights, device="cpu")
-    req = GenerationRequest(image=portrait, audio=speech, width=64, height=64, seed=5, turbo=True, steps=2)
-    with pytest.raises(InputError, match="LoRA"):
-        plain.generate(req, tmp_path / "x.mp4", show_progress=False)
+    latents = []
+    decode = InfiniteTalkPipeline._decode
+
+    def recording_decode(self, job, x0):
+        latents.append(x0.clone())
+        return decode(self, job, x0)
+
+    monkeypatch.setattr(InfiniteTalkPipeline, "_decode", recording_decode)
+    speech = make_speech(1.0, "turbo")
     lora = mtw.write_turbo_lora(tmp_path)
+    plain = InfiniteTalkPipeline.from_pretrained(tiny_weights, device="cpu")
+    # Same sampling settings in both modes (turbo's defaults), so only the weights differ.
+    base = dict(image=portrait, audio=speech, width=64, height=64, seed=5, steps=2, text_guidance=1.0,
+                audio_guidance=2.0, shift=2.0)
+    with pytest.raises(InputError, match="LoRA"):
+        plain.generate(GenerationRequest(**base, turbo=True), tmp_path / "x.mp4", show_progress=False)
+
+    def run(pipe, turbo: bool) -> torch.Tensor:
+        latents.clear()
+        result = pipe.generate(GenerationRequest(**base, turbo=turbo), tmp_path / "out.mp4", show_progress=False)
+        assert result.num_frames == 25
+        return latents[-1]
+
+    exact_ref = run(plain, False)
+    _official_reference(plain.transformer, lora, modulation=False)
+    turbo_ref = run(plain, False)
     pipe = InfiniteTalkPipeline.from_pretrained(tiny_weights, device="cpu", turbo_lora=lora)
-    assert req.resolved().text_guidance == 1.0 and req.resolved().shift == 2.0
-    result = pipe.generate(req, tmp_path / "turbo.mp4", show_progress=False)
-    info = ffprobe_streams(result.path)
-    assert info["video"]["codec"] == "h264" and abs(info["video"]["duration"] - 2.0) <= 0.04 + 1e-6
-    assert pipe.lora_adapter is not None and pipe.lora_adapter.enabled
-    exact = pipe.generate(GenerationRequest(image=portrait, audio=speech, width=64, height=64, seed=5, steps=2),
-                          tmp_path / "exact.mp4", show_progress=False)
-    assert not pipe.lora_adapter.enabled and exact.num_frames == result.num_frames
+    assert pipe.turbo_loaded and not pipe.turbo_only
+    for turbo in (True, False, True, False):
+        out = run(pipe, turbo)
+        assert pipe.turbo.enabled is turbo
+        assert _rel(out, turbo_ref if turbo else exact_ref) < 1e-6, turbo
+    assert _rel(turbo_ref, exact_ref) > 1e-2
+    fused = InfiniteTalkPipeline.from_pretrained(tiny_weights, device="cpu", turbo_lora=lora, fuse_turbo=True)
+    assert fused.turbo_only
+    assert _rel(run(fused, True), turbo_ref) < 1e-6
+    with pytest.raises(InputError, match="turbo mode only"):
+        fused.generate(GenerationRequest(**base), tmp_path / "x.mp4", show_progress=False)
