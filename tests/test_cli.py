@@ -10,9 +10,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from decoding import ffprobe_streams  # tests/ is on sys.path for test modules
 
 from infinitetalk import cli
-from infinitetalk.media import ffprobe_streams
 from infinitetalk.pipeline import InfiniteTalkPipeline
 
 pytestmark = [

@@ -102,7 +102,8 @@ def test_lora_for_other_model_is_rejected(tmp_path, transformer):
 
 
 def test_pipeline_turbo_mode(tmp_path, tiny_weights, portrait, make_speech):
-    from infinitetalk.media import ffprobe_streams
+    from decoding import ffprobe_streams
+
     from infinitetalk.pipeline import GenerationRequest, InfiniteTalkPipeline
 
     speech = make_speech(2.0, "turbo")

@@ -64,7 +64,8 @@ def test_model_reuses_the_same_branch_residual(tiny_weights):
 
 
 def test_pipeline_with_step_cache(tiny_weights, portrait, make_speech, tmp_path):
-    from infinitetalk.media import ffprobe_streams
+    from decoding import ffprobe_streams
+
     from infinitetalk.pipeline import GenerationRequest, InfiniteTalkPipeline
 
     pipe = InfiniteTalkPipeline.from_pretrained(tiny_weights, device="cpu")
