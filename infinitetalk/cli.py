@@ -9,10 +9,9 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from .download import ENV_WEIGHTS
 from .envvars import env_text
 from .errors import InputError
-from .settings import Settings, SettingsError
+from .settings import ENV_WEIGHTS, Settings, SettingsError
 
 
 def _bbox(text: str) -> list[float]:

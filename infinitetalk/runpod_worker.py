@@ -275,7 +275,7 @@ def main() -> None:
     # megabytes of base64; a presigned URL is a bearer credential). RUNPOD_LOG_LEVEL overrides this.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env()  # first: a bad setting stops the worker in milliseconds
         import runpod
 
         worker = boot(settings=settings)

@@ -162,7 +162,17 @@ class Settings:
 
 
 __all__ = [
+    "ENV_COMPILE",
+    "ENV_FUSE_TURBO",
+    "ENV_INLINE_MAX_MB",
+    "ENV_INPUT_MAX_MB",
+    "ENV_INPUT_TIMEOUT_S",
+    "ENV_MEMORY_MODE",
+    "ENV_NUM_GPUS",
+    "ENV_PROGRESS_INTERVAL_S",
+    "ENV_WEIGHTS",
     "KNOWN_VARIABLES",
+    "MB",
     "MEMORY_MODES",
     "SUPPORTED_NUM_GPUS",
     "Settings",
