@@ -28,15 +28,18 @@ class Predictor(BaseRunner):
     def setup(self) -> None:
         """Load every model once (GPU when present, else CPU); fetch the weights first if absent.
 
+        Every ``INFINITETALK_*`` setting is read and checked first (``infinitetalk/settings.py``): a
+        bad or unknown one fails here with one line naming it, before any weight is read or fetched.
         With ``INFINITETALK_OUTPUT_BUCKET`` set, outputs are also uploaded to that S3-compatible
-        bucket (``infinitetalk/storage.py``); a bad storage configuration fails here, before the
-        models load, not after a generation.
+        bucket (``infinitetalk/storage.py``), which is checked here too, before the models load.
         """
-        service.configure_logging()
-        from infinitetalk.storage import storage_from_env
+        from infinitetalk.settings import Settings
+        from infinitetalk.storage import open_storage
 
-        self.storage = storage_from_env(check=True)
-        self.pipe = service.load_pipeline(log=print)
+        settings = Settings.from_env()
+        service.configure_logging()
+        self.storage = open_storage(settings.storage, check=True)
+        self.pipe = service.load_pipeline(settings, log=print)
         self._last_workdir: Optional[Path] = None
 
     def run(

@@ -16,7 +16,6 @@ Official semantics (SPEC §4.1-4.3, golden README §2-3):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ import shutil
 import subprocess
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .media import run_ffprobe
 
 logger = logging.getLogger(__name__)
 
@@ -92,15 +93,9 @@ def probe_audio(path: PathLike) -> AudioInfo:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise InputError(f"audio file {_display(path)} does not exist")
-    cmd = [_tool("ffprobe"), "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
-           "-select_streams", "a", "--", path]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
-    if proc.returncode != 0:
+    info = run_ffprobe(Path(os.path.abspath(path)))  # absolute: a name starting with '-' is not an option
+    if info is None:
         raise InputError(f"cannot read {_display(path)} as a media file")
-    try:
-        info = json.loads(proc.stdout.decode("utf-8", "replace") or "{}")
-    except json.JSONDecodeError as e:
-        raise InputError(f"cannot read {_display(path)} as a media file") from e
     streams = [s for s in info.get("streams", []) if s.get("codec_type") == "audio"]
     if not streams:
         raise InputError(f"{_display(path)} has no audio stream")
@@ -253,7 +248,8 @@ def combine_speakers(
 
 
 # --------------------------------------------------------------------------- windows / padding
-def audio_window_indices(center_frames: Union[torch.Tensor, Sequence[int]], length: int, window: int = 5) -> torch.Tensor:
+def audio_window_indices(center_frames: Union[torch.Tensor, Sequence[int]], length: int,
+                         window: int = 5) -> torch.Tensor:
     """Indices ``center + (-w//2 .. w//2)`` clamped to ``[0, length - 1]``: long ``[N, window]``."""
     centers = torch.as_tensor(center_frames, dtype=torch.long).reshape(-1, 1)
     half = window // 2

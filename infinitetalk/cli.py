@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
+from .envvars import env_text
 from .errors import InputError
+from .settings import ENV_WEIGHTS, Settings, SettingsError
 
 
 def _bbox(text: str) -> list[float]:
@@ -35,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bbox", type=_bbox, action="append", default=None, metavar="T,L,B,R",
                     help="speaker box in source pixels, give twice (speaker 1 then 2); default left/right halves")
     ap.add_argument("--out", type=Path, required=True, help="output .mp4")
-    ap.add_argument("--weights", type=Path, default=Path("weights"), help="weights folder (weights/README.md)")
+    ap.add_argument("--weights", type=Path, default=None,
+                    help="weights folder (weights/README.md); default $INFINITETALK_WEIGHTS, else weights/")
     ap.add_argument("--resolution", choices=["480p", "720p"], default="480p", help="bucket family (default 480p)")
     ap.add_argument("--width", type=int, default=None, help="explicit width, multiple of 16 (with --height)")
     ap.add_argument("--height", type=int, default=None, help="explicit height, multiple of 16 (with --width)")
@@ -78,13 +83,27 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise InputError(f"--out folder does not exist: {args.out.parent}")
 
 
+def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    """The CLI's settings: its flags, with the weights folder from ``--weights``, else
+    ``$INFINITETALK_WEIGHTS``, else ``weights/``; no other variable is read (the servers' memory mode,
+    compile and GPU switches do not apply to the CLI, whose defaults are no compile, memory mode none
+    and one GPU). Raises :class:`SettingsError` for an invalid value."""
+    env = os.environ if env is None else env
+    weights = args.weights if args.weights is not None else Path(env_text(env, ENV_WEIGHTS) or "weights")
+    return Settings(weights=weights, memory_mode=args.memory_mode, compile=args.compile, num_gpus=args.num_gpus,
+                    turbo_lora=args.lora, attention_backend=args.attention_backend)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)  # before anything is imported or loaded
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import torch
-
-    from . import parallel
-    from .pipeline import DEFAULT_PROMPT, GenerationError, GenerationRequest, InfiniteTalkPipeline
+    from .build import build_pipeline, close_pipeline
+    from .pipeline import DEFAULT_PROMPT, GenerationError, GenerationRequest
     from .weights import WeightsError
 
     request = GenerationRequest(
@@ -95,32 +114,20 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed, color_correction=args.color_correction, apg=args.apg, crf=args.crf, turbo=args.turbo,
         step_cache=args.step_cache,
     )
-    options = dict(turbo_lora=args.lora, attention_backend=args.attention_backend, compile=args.compile,
-                   memory_mode=args.memory_mode)
-    context = pipe = None
+    pipe = None
     try:
         request.validate()
         _check_paths(args)  # before the model load (about a minute with real weights)
-        context = parallel.init_from_env()  # started by torchrun with several processes
-        on_cpu = bool(args.device) and torch.device(args.device).type == "cpu"  # --num-gpus N: N gloo ranks
-        num_gpus = args.num_gpus if on_cpu or args.num_gpus <= 1 else parallel.usable_num_gpus(args.num_gpus)
-        if context is not None:
-            pipe = InfiniteTalkPipeline.from_pretrained(args.weights, device=context.device, **options)
-            pipe.enable_sequence_parallel(context)
-        elif num_gpus > 1:  # lowered to 1 (no parallelism) on a one-GPU machine
-            pipe = parallel.MultiGPUPipeline(parallel.PipelineLoader(str(args.weights), options), num_gpus,
-                                             device_type="cpu" if on_cpu else None)
-        else:
-            pipe = InfiniteTalkPipeline.from_pretrained(args.weights, device=args.device, **options)
+        # Under torchrun every process runs this; --num-gpus N spawns the other ranks.
+        pipe = build_pipeline(settings, device=args.device)
+        context = getattr(pipe, "parallel", None)
         result = pipe.generate(request, args.out, show_progress=not args.quiet and (context is None or context.is_main))
     except (InputError, GenerationError, WeightsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if isinstance(pipe, parallel.MultiGPUPipeline):
-            pipe.close()
-        elif context is not None:
-            parallel.shutdown()
+        if pipe is not None:
+            close_pipeline(pipe)
     if context is not None and not context.is_main:
         return 0
     print(f"wrote {result.path}: {result.num_frames} frames, {result.duration:.2f} s, "

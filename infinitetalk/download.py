@@ -15,15 +15,21 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+#: The weights folder (default: ``weights/`` in the repo); see :func:`default_weights_dir`.
+ENV_WEIGHTS = "INFINITETALK_WEIGHTS"
+#: Revisions of the unpinned repos (read when this module is imported).
+ENV_WAN_REVISION = "INFINITETALK_WAN_REVISION"
+ENV_TURBO_REVISION = "INFINITETALK_TURBO_REVISION"
+
 WAN_REPO = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 #: No revision is published for the Diffusers base in SPEC.md; override with INFINITETALK_WAN_REVISION.
-WAN_REVISION = os.environ.get("INFINITETALK_WAN_REVISION", "main")
+WAN_REVISION = os.environ.get(ENV_WAN_REVISION, "main")
 WAN_DIR = "Wan2.1-I2V-14B-480P-Diffusers"
 #: Components of the Diffusers base that the pipeline reads (``transformer/`` only without a prepared copy).
 WAN_COMPONENTS = ("vae", "text_encoder", "tokenizer", "image_encoder", "image_processor", "scheduler")
@@ -48,7 +54,7 @@ PREPARED_DIR = "prepared/transformer-single"
 #: The step/CFG-distilled LoRA the official README uses for 4-step inference (turbo mode). Optional:
 #: fetched by scripts/download_weights.py (unless --no-turbo), never required by setup().
 TURBO_REPO = "Kijai/WanVideo_comfy"
-TURBO_REVISION = os.environ.get("INFINITETALK_TURBO_REVISION", "main")
+TURBO_REVISION = os.environ.get(ENV_TURBO_REVISION, "main")
 TURBO_DIR = "lightx2v"
 TURBO_FILE = "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors"
 
@@ -289,11 +295,12 @@ def prepare_transformer(dest: str | Path, *, log: Callable[[str], None] | None =
     return out
 
 
-def default_weights_dir() -> Path:
-    """``$INFINITETALK_WEIGHTS``, else ``weights/`` next to the package (the repo root)."""
-    env = os.environ.get("INFINITETALK_WEIGHTS")
-    if env:
-        return Path(env)
+def default_weights_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``$INFINITETALK_WEIGHTS`` (in ``env``, default ``os.environ``), else ``weights/`` next to the
+    package (the repo root)."""
+    value = (os.environ if env is None else env).get(ENV_WEIGHTS, "").strip()
+    if value:
+        return Path(value)
     return Path(__file__).resolve().parents[1] / "weights"
 
 

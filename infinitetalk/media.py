@@ -227,8 +227,9 @@ def _rotation(stream: dict[str, Any]) -> int:
         return 0
 
 
-def _run_ffprobe(path: Path) -> dict[str, Any] | None:
-    """ffprobe JSON of ``path``, or None if ffprobe cannot read it."""
+def run_ffprobe(path: Path) -> dict[str, Any] | None:
+    """ffprobe JSON (format and streams) of ``path``, or None if ffprobe cannot read it; the package's
+    one ffprobe call (also behind :func:`infinitetalk.audio.probe_audio`)."""
     cmd = [_tool("ffprobe"), "-v", "error", "-print_format", "json", "-show_format", "-show_streams", str(path)]
     try:
         res = subprocess.run(cmd, capture_output=True, timeout=PROBE_TIMEOUT_S, check=False)
@@ -292,7 +293,7 @@ def probe(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> MediaInfo:
             if _exif_orientation(im) in (5, 6, 7, 8):  # rotated by 90 degrees: report the display size
                 width, height = height, width
             return MediaInfo("image", width, height, None, 0.0, 1, False, True, (im.format or "").lower())
-    data = _run_ffprobe(p)
+    data = run_ffprobe(p)
     fmt_name = str((data or {}).get("format", {}).get("format_name", ""))
     if data is None or not data.get("streams"):
         raise InputError(f"input file {_name(p)!r} is not a readable image, video or audio file")
@@ -792,43 +793,6 @@ def write_wav(path: PathLike, samples: np.ndarray, sr: int) -> Path:
     return out
 
 
-def ffprobe_streams(path: PathLike) -> dict[str, Any]:
-    """Summary of a media file for tests: ``{"format_duration", "video": {...}|None, "audio": {...}|None}``.
-
-    ``video``: codec, width, height, fps, duration, nb_frames, pix_fmt.
-    ``audio``: codec, sample_rate, channels, duration.
-    """
-    data = _run_ffprobe(Path(path))
-    if data is None:
-        raise MediaToolError(f"ffprobe cannot read {path}")
-    out: dict[str, Any] = {
-        "format_duration": _parse_float((data.get("format") or {}).get("duration")),
-        "video": None,
-        "audio": None,
-    }
-    if videos := _streams(data, "video"):
-        v = videos[0]
-        nb = v.get("nb_frames")
-        out["video"] = {
-            "codec": v.get("codec_name"),
-            "width": v.get("width"),
-            "height": v.get("height"),
-            "fps": _parse_rate(v.get("avg_frame_rate")) or _parse_rate(v.get("r_frame_rate")),
-            "duration": _parse_float(v.get("duration")),
-            "nb_frames": int(nb) if str(nb or "").isdigit() else None,
-            "pix_fmt": v.get("pix_fmt"),
-        }
-    if audios := _streams(data, "audio"):
-        a = audios[0]
-        out["audio"] = {
-            "codec": a.get("codec_name"),
-            "sample_rate": int(a.get("sample_rate") or 0),
-            "channels": a.get("channels"),
-            "duration": _parse_float(a.get("duration")),
-        }
-    return out
-
-
 __all__ = [
     "DEFAULT_CRF",
     "DEFAULT_MAX_PIXELS",
@@ -838,10 +802,10 @@ __all__ = [
     "VideoFrameReader",
     "VideoWriter",
     "check_duration",
-    "ffprobe_streams",
     "load_image",
     "probe",
     "probe_and_load",
+    "run_ffprobe",
     "to_rgb",
     "write_wav",
 ]

@@ -15,7 +15,6 @@ import contextlib
 import gc
 import json
 import logging
-import os
 import tempfile
 import time
 import traceback
@@ -42,9 +41,9 @@ from .conditioning import (
     vae_decode,
     vae_encode,
 )
+from .distributed import check_token_split, enable_sequence_parallel, stop_together
 from .errors import GenerationCancelled, InputError
 from .lora import TurboLoRA
-from .parallel import check_token_split, enable_sequence_parallel, stop_together
 from .request import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, GenerationRequest, choose_seed
 from .sampler import APGState, ContextLatents, get_timesteps, make_guided_denoiser
 from .step_cache import StepCacheConfig, reset_step_cache, step_cache_stats
@@ -707,27 +706,6 @@ def quantize_fp8(transformer) -> int:
     return count
 
 
-def options_from_env() -> dict:
-    """Server-level switches from the environment (set in cog.yaml or the deployment).
-
-    INFINITETALK_MEMORY_MODE: none | fp8 | offload | auto (default: auto = none on GPUs with
-    at least 75 GB, offload below: exact results in about 12 GB at 480p, 24 GB at 720p).
-    INFINITETALK_COMPILE: 1/0, regional torch.compile on CUDA (default 1: 13% faster forwards;
-    the first prediction pays the compile). INFINITETALK_FUSE_TURBO=1: fold the turbo LoRA into
-    the weights (a turbo-only server: exact requests are refused).
-    """
-    cuda = torch.cuda.is_available()
-    mode = os.environ.get("INFINITETALK_MEMORY_MODE", "auto").strip().lower()
-    if mode == "auto":
-        total = torch.cuda.get_device_properties(0).total_memory if cuda else 0
-        mode = "offload" if cuda and total < 75e9 else "none"
-    return dict(
-        memory_mode=mode,
-        compile=cuda and os.environ.get("INFINITETALK_COMPILE", "1") == "1",
-        fuse_turbo=os.environ.get("INFINITETALK_FUSE_TURBO", "0") == "1",
-    )
-
-
 def compile_transformer(transformer) -> bool:
     """Regional ``torch.compile`` of the repeated blocks (compiled once, reused by all 40)."""
     try:
@@ -802,5 +780,4 @@ __all__ = [
     "WeightPaths",
     "apply_memory_mode",
     "compile_transformer",
-    "options_from_env",
 ]

@@ -20,12 +20,10 @@ FAILED). A cancel or an execution timeout reaches the handler as an asyncio canc
 cancels the job's task); the generation thread then stops within one denoising step and the job's
 files are removed.
 
-Worker settings (environment): ``INFINITETALK_INPUT_MAX_MB`` (largest input file, default 1024),
-``INFINITETALK_INPUT_TIMEOUT_S`` (longest download of one input, default 300),
-``INFINITETALK_INLINE_MAX_MB`` (largest video returned inline without a bucket, default 10),
-``INFINITETALK_PROGRESS_INTERVAL_S`` (least time between two step progress updates, default 5);
-storage: see :mod:`infinitetalk.storage`; model switches: see
-:func:`infinitetalk.pipeline.options_from_env`.
+Settings (environment), all read and checked at boot by :meth:`infinitetalk.settings.Settings.from_env`:
+the worker's limits (:class:`~infinitetalk.settings.WorkerSettings`: ``INFINITETALK_INPUT_MAX_MB``,
+``INFINITETALK_INPUT_TIMEOUT_S``, ``INFINITETALK_INLINE_MAX_MB``, ``INFINITETALK_PROGRESS_INTERVAL_S``),
+the storage (:mod:`infinitetalk.storage`) and the model switches (:mod:`infinitetalk.settings`).
 """
 
 from __future__ import annotations
@@ -42,56 +40,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlparse
 
 from . import service
 from .errors import GenerationCancelled, InputError
-from .storage import S3Storage, StorageConfigError, StorageError
+from .settings import MB, Settings, SettingsError, WorkerConfigError, WorkerSettings
+from .storage import S3Storage, StorageError, open_storage
 
 logger = logging.getLogger(__name__)
-
-ENV_INPUT_MAX_MB = "INFINITETALK_INPUT_MAX_MB"
-ENV_INPUT_TIMEOUT_S = "INFINITETALK_INPUT_TIMEOUT_S"
-ENV_INLINE_MAX_MB = "INFINITETALK_INLINE_MAX_MB"
-ENV_PROGRESS_INTERVAL_S = "INFINITETALK_PROGRESS_INTERVAL_S"
-MB = 1024 * 1024
-
-
-class WorkerConfigError(ValueError):
-    """A worker setting in the environment is invalid; one line naming the variable."""
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    input_max_bytes: int = 1024 * MB
-    input_timeout_s: float = 300.0
-    inline_max_bytes: int = 10 * MB
-    progress_interval_s: float = 5.0
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
-        env = os.environ if env is None else env
-
-        def number(name: str, default: float, lo: float, hi: float) -> float:
-            raw = (env.get(name) or "").strip()
-            if not raw:
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                raise WorkerConfigError(f"{name} must be a number, got {raw!r}") from None
-            if not lo <= value <= hi:
-                raise WorkerConfigError(f"{name} must be between {lo:g} and {hi:g}, got {raw}")
-            return value
-
-        return cls(input_max_bytes=int(number(ENV_INPUT_MAX_MB, 1024, 1, 100_000) * MB),
-                   input_timeout_s=number(ENV_INPUT_TIMEOUT_S, 300, 1, 86_400),
-                   inline_max_bytes=int(number(ENV_INLINE_MAX_MB, 10, 0, 1024) * MB),
-                   progress_interval_s=number(ENV_PROGRESS_INTERVAL_S, 5, 0, 3600))
-
 
 # ----------------------------------------------------------------------------------------------
 # Input files
@@ -293,33 +251,35 @@ class RunPodWorker:
 # ----------------------------------------------------------------------------------------------
 
 
-def boot(env: Mapping[str, str] | None = None, *, load=None) -> RunPodWorker:
-    """Read and check every setting (settings, storage: the cheap and network checks) before loading the
-    models, so a bad configuration stops the worker at once; then load the models once."""
-    from .storage import storage_from_env
-
+def boot(env: Mapping[str, str] | None = None, *, settings: Settings | None = None, load=None) -> RunPodWorker:
+    """Read and check every setting first (:meth:`Settings.from_env` of ``env``, default
+    ``os.environ``; then the bucket over the network), so a bad configuration stops the worker at
+    once, before any weight is read; then load the models once (``load(settings)``, default
+    :func:`infinitetalk.service.load_pipeline`)."""
+    settings = Settings.from_env(env) if settings is None else settings
     service.configure_logging()
-    settings = WorkerSettings.from_env(env)
-    storage = storage_from_env(env)
-    pipe = (load or service.load_pipeline)()
-    where = storage.where() if storage is not None else f"inline (up to {settings.inline_max_bytes / MB:g} MB)"
+    storage = open_storage(settings.storage, check=settings.check_bucket)
+    pipe = (load or service.load_pipeline)(settings)
+    limits = settings.worker
+    where = storage.where() if storage is not None else f"inline (up to {limits.inline_max_bytes / MB:g} MB)"
     print(f"worker ready: outputs {where}", flush=True)
-    return RunPodWorker(pipe, settings, storage)
+    return RunPodWorker(pipe, limits, storage)
 
 
 def main() -> None:
-    """Entry point: boot, then hand the handler to ``runpod.serverless.start`` (which reads its own
-    ``--rp_*`` arguments from the command line)."""
+    """Entry point: check the settings, boot, then hand the handler to ``runpod.serverless.start``
+    (which reads its own ``--rp_*`` arguments from the command line)."""
+    from .download import WeightsDownloadError
+
     # The SDK logs at DEBUG by default, which prints every job's whole output (an inline video is
     # megabytes of base64; a presigned URL is a bearer credential). RUNPOD_LOG_LEVEL overrides this.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
-    import runpod
-
-    from .download import WeightsDownloadError
-
     try:
-        worker = boot()
-    except (StorageConfigError, WorkerConfigError, WeightsDownloadError) as exc:
+        settings = Settings.from_env()  # first: a bad setting stops the worker in milliseconds
+        import runpod
+
+        worker = boot(settings=settings)
+    except (SettingsError, WeightsDownloadError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     runpod.serverless.start({"handler": worker.handler})

@@ -9,7 +9,8 @@ One place for what a service does around :meth:`InfiniteTalkPipeline.generate`:
 * :func:`run_job`: build, fetch the input files (optional hook), generate into a per-run folder,
   report progress (metrics and snapshots), rename file names in input errors to the input's name,
   and remove the folder on any failure or cancellation;
-* :func:`load_pipeline`: load every model once per process (weights fetched first if absent).
+* :func:`load_pipeline`: load every model once per process (weights fetched first if absent), as
+  the validated :class:`~infinitetalk.settings.Settings` say.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import GenerationCancelled, InputError
 from .inputs import name_inputs
@@ -41,6 +42,9 @@ from .request import (  # noqa: F401  (the serving core's public names; the rule
     parse_boxes,
     quality_to_crf,
 )
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 # ----------------------------------------------------------------------------------------------
 # Progress
@@ -176,28 +180,24 @@ def run_job(pipe, inputs: Mapping[str, Any], workdir: str | os.PathLike, *,
 # ----------------------------------------------------------------------------------------------
 
 
-def load_pipeline(log: Callable[[str], None] = _log):
+def load_pipeline(settings: Settings | None = None, log: Callable[[str], None] = _log):
     """Load every model once (GPU when present, else CPU), fetching the weights first if absent.
 
-    The weights folder is ``$INFINITETALK_WEIGHTS`` or ``weights/``; server switches come from
-    :func:`infinitetalk.pipeline.options_from_env` and, for several GPUs,
-    :func:`infinitetalk.parallel.num_gpus_from_env`. Afterwards the Hub clients are switched off
-    for this process: nothing may reach for the network during a job.
+    ``settings``: validated :class:`~infinitetalk.settings.Settings` (default: read from the environment);
+    the pipeline is built by :func:`infinitetalk.build.build_pipeline`. Afterwards the Hub clients
+    are switched off for this process: nothing may reach for the network during a job.
     """
-    from .download import default_weights_dir, ensure_weights
-    from .parallel import MultiGPUPipeline, PipelineLoader, num_gpus_from_env
-    from .pipeline import InfiniteTalkPipeline, options_from_env
+    from .build import build_pipeline, placement
+    from .download import ensure_weights
+    from .settings import Settings
 
+    settings = Settings.from_env() if settings is None else settings
     t0 = time.perf_counter()
-    weights = ensure_weights(default_weights_dir(), log=log)
+    weights = ensure_weights(settings.weights, log=log)
     t_fetch = time.perf_counter() - t0
-    num_gpus, options = num_gpus_from_env(), options_from_env()
-    if num_gpus > 1:  # each forward split over the GPUs (sequence parallel); rank 0 is this process
-        pipe = MultiGPUPipeline(PipelineLoader(str(weights), options), num_gpus)
-    else:
-        pipe = InfiniteTalkPipeline.from_pretrained(weights, **options)
+    pipe = build_pipeline(settings)
     timings = getattr(pipe, "load_timings", {})
-    log(f"setup: loaded InfiniteTalk from {weights} on {pipe.device} ({pipe.dtype}, {num_gpus} GPU(s)) in "
+    log(f"setup: loaded InfiniteTalk from {weights} on {placement(pipe)} in "
         f"{time.perf_counter() - t0:.1f}s (weights check/download {t_fetch:.1f}s; "
         + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if isinstance(v, (int, float))) + ")")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

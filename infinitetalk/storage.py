@@ -1,9 +1,10 @@
 """Output storage: upload the MP4 to an S3-compatible bucket and hand out a presigned GET URL.
 
 Works with AWS S3, Cloudflare R2, Backblaze B2, MinIO and anything else that speaks the S3 API.
-Configured by environment variables, read and checked once at start-up by :func:`storage_from_env`
-(a wrong or half-done configuration stops the worker at boot with one clear line, never after a
-generation):
+Configured by environment variables, read and checked once at start-up with the other settings
+(:meth:`infinitetalk.settings.Settings.from_env`, then :func:`open_storage`; or :func:`storage_from_env`
+alone): a wrong or half-done configuration stops the server at boot with one clear line, never after
+a generation:
 
 =====================================  =========================================================
 ``INFINITETALK_OUTPUT_BUCKET``         bucket name; unset = no bucket (Cog returns the file, the
@@ -44,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .envvars import SettingsError, env_choice, env_flag, env_number, env_text
+
 logger = logging.getLogger(__name__)
 
 ENV_BUCKET = "INFINITETALK_OUTPUT_BUCKET"
@@ -69,8 +72,9 @@ MIN_PART_MB = 5  # S3's smallest part (all but the last)
 MB = 1024 * 1024
 
 
-class StorageConfigError(RuntimeError):
-    """The storage configuration is missing or invalid; one line that names the variable."""
+#: The storage configuration is missing or invalid (also: no credentials, no such bucket, endpoint
+#: unreachable); one line that names the variable. The name of the settings' error in this module.
+StorageConfigError = SettingsError
 
 
 class StorageError(RuntimeError):
@@ -98,14 +102,10 @@ class StorageConfig:
         a key id without its secret) or a value is invalid.
         """
         env = os.environ if env is None else env
-
-        def get(name: str) -> str | None:
-            value = env.get(name)
-            return value.strip() if value is not None and value.strip() else None
-
-        bucket = get(ENV_BUCKET)
+        bucket = env_text(env, ENV_BUCKET)
         if bucket is None:
-            stray = [n for n in (ENV_PREFIX, ENV_EXPIRY, ENV_ENDPOINT, ENV_ACCESS_KEY, ENV_SECRET_KEY) if get(n)]
+            stray = [n for n in (ENV_PREFIX, ENV_EXPIRY, ENV_ENDPOINT, ENV_ACCESS_KEY, ENV_SECRET_KEY)
+                     if env_text(env, n)]
             if stray:
                 raise StorageConfigError(f"{', '.join(stray)} set but {ENV_BUCKET} is not: set the bucket name "
                                          f"(or unset the storage variables)")
@@ -114,41 +114,29 @@ class StorageConfig:
             hint = f"; put a key prefix in {ENV_PREFIX}" if "/" in bucket else ""
             raise StorageConfigError(f"{ENV_BUCKET} must be a bucket name (3-255 letters, digits, '.', '-', '_'), "
                                      f"got {bucket!r}{hint}")
-        prefix = env.get(ENV_PREFIX, DEFAULT_PREFIX).strip().lstrip("/")
+        prefix = env.get(ENV_PREFIX, DEFAULT_PREFIX).strip().lstrip("/")  # blank: no prefix
         if prefix and not prefix.endswith("/"):
             prefix += "/"
-        expiry = _int(get(ENV_EXPIRY), DEFAULT_EXPIRY_S, ENV_EXPIRY, 1, MAX_EXPIRY_S, "seconds")
-        part_mb = _int(get(ENV_MULTIPART_MB), DEFAULT_MULTIPART_MB, ENV_MULTIPART_MB, MIN_PART_MB, 5 * 1024, "MB")
-        endpoint = get(ENV_ENDPOINT)
+        expiry = env_number(env, ENV_EXPIRY, DEFAULT_EXPIRY_S, 1, MAX_EXPIRY_S, integer=True, unit="seconds")
+        part_mb = env_number(env, ENV_MULTIPART_MB, DEFAULT_MULTIPART_MB, MIN_PART_MB, 5 * 1024, integer=True,
+                             unit="MB")
+        endpoint = env_text(env, ENV_ENDPOINT)
         if endpoint is not None:
             parsed = urlparse(endpoint)
             if parsed.scheme not in ("http", "https") or not parsed.hostname:
                 raise StorageConfigError(f"{ENV_ENDPOINT} must be an http(s) URL such as "
                                          f"https://<account>.r2.cloudflarestorage.com, got {endpoint!r}")
-        key_id, secret = get(ENV_ACCESS_KEY), get(ENV_SECRET_KEY)
+        key_id, secret = env_text(env, ENV_ACCESS_KEY), env_text(env, ENV_SECRET_KEY)
         if (key_id is None) != (secret is None):
             missing = ENV_SECRET_KEY if secret is None else ENV_ACCESS_KEY
             raise StorageConfigError(f"{missing} is not set: give {ENV_ACCESS_KEY} and {ENV_SECRET_KEY} together "
                                      "(or neither, for boto3's usual credential chain)")
-        style = (get(ENV_ADDRESSING) or "auto").lower()
-        if style not in ("auto", "path", "virtual"):
-            raise StorageConfigError(f"{ENV_ADDRESSING} must be auto, path or virtual, got {style!r}")
-        region = get(ENV_REGION) or get("AWS_REGION") or get("AWS_DEFAULT_REGION") or "us-east-1"
+        style = env_choice(env, ENV_ADDRESSING, "auto", ("auto", "path", "virtual"))
+        region = (env_text(env, ENV_REGION) or env_text(env, "AWS_REGION") or env_text(env, "AWS_DEFAULT_REGION")
+                  or "us-east-1")
         return cls(bucket=bucket, prefix=prefix, url_expiry=expiry, endpoint_url=endpoint, region=region,
                    access_key_id=key_id, secret_access_key=secret, addressing_style=style,
                    multipart_threshold=part_mb * MB, multipart_chunksize=part_mb * MB)
-
-
-def _int(raw: str | None, default: int, name: str, lo: int, hi: int, unit: str) -> int:
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise StorageConfigError(f"{name} must be a whole number of {unit}, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise StorageConfigError(f"{name} must be between {lo} and {hi} {unit}, got {value}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -264,32 +252,48 @@ class S3Storage:
 
 
 def bucket_required(env: Mapping[str, str] | None = None) -> bool:
-    env = os.environ if env is None else env
-    return env.get(ENV_REQUIRE, "0").strip().lower() in ("1", "true", "yes")
+    """``$INFINITETALK_REQUIRE_BUCKET`` (default 0)."""
+    return env_flag(os.environ if env is None else env, ENV_REQUIRE, False)
+
+
+def bucket_check(env: Mapping[str, str] | None = None) -> bool:
+    """``$INFINITETALK_S3_CHECK`` (default 1): check the bucket over the network at start-up."""
+    return env_flag(os.environ if env is None else env, ENV_CHECK, True)
+
+
+def check_required(config: StorageConfig | None, required: bool) -> None:
+    """A missing bucket is an error when one is required (production workers)."""
+    if config is None and required:
+        raise StorageConfigError(f"no output bucket configured: set {ENV_BUCKET} (and {ENV_ENDPOINT}, "
+                                 f"{ENV_ACCESS_KEY}, {ENV_SECRET_KEY} for a non-AWS store)")
+
+
+def open_storage(config: StorageConfig | None, *, check: bool = True, client=None) -> S3Storage | None:
+    """The storage of an already validated ``config`` (None: no bucket, no storage); with ``check``
+    the bucket is also verified over the network. Raises :class:`StorageConfigError` (no credentials,
+    no such bucket, endpoint unreachable)."""
+    if config is None:
+        return None
+    storage = S3Storage(config, client=client)
+    if check:
+        storage.check()
+    logger.info("outputs go to %s (URLs valid %d s)", storage.where(), config.url_expiry)
+    return storage
 
 
 def storage_from_env(env: Mapping[str, str] | None = None, *, check: bool | None = None,
                      require: bool | None = None, client=None) -> S3Storage | None:
     """The configured storage, checked; None when no bucket is configured (and none is required).
 
-    Call it at start-up: every configuration problem raises :class:`StorageConfigError` here.
-    ``check`` (default ``$INFINITETALK_S3_CHECK``, on) also verifies the bucket over the network;
-    ``require`` (default ``$INFINITETALK_REQUIRE_BUCKET``) makes a missing bucket an error.
+    Every configuration problem raises :class:`StorageConfigError` here. ``check`` (default
+    ``$INFINITETALK_S3_CHECK``, on) also verifies the bucket over the network; ``require`` (default
+    ``$INFINITETALK_REQUIRE_BUCKET``) makes a missing bucket an error. The servers read these as part
+    of :meth:`infinitetalk.settings.Settings.from_env` and call :func:`open_storage`.
     """
     env = os.environ if env is None else env
     config = StorageConfig.from_env(env)
-    if config is None:
-        if bucket_required(env) if require is None else require:
-            raise StorageConfigError(f"no output bucket configured: set {ENV_BUCKET} (and {ENV_ENDPOINT}, "
-                                     f"{ENV_ACCESS_KEY}, {ENV_SECRET_KEY} for a non-AWS store)")
-        return None
-    storage = S3Storage(config, client=client)
-    if check is None:
-        check = env.get(ENV_CHECK, "1").strip().lower() not in ("0", "false", "no")
-    if check:
-        storage.check()
-    logger.info("outputs go to %s (URLs valid %d s)", storage.where(), config.url_expiry)
-    return storage
+    check_required(config, bucket_required(env) if require is None else require)
+    return open_storage(config, check=bucket_check(env) if check is None else check, client=client)
 
 
 __all__ = [
@@ -299,7 +303,10 @@ __all__ = [
     "StorageConfigError",
     "StorageError",
     "Upload",
+    "bucket_check",
     "bucket_required",
+    "check_required",
     "file_sha256",
+    "open_storage",
     "storage_from_env",
 ]

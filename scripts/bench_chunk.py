@@ -25,12 +25,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_common import (
+    BUCKETS,
+    FULL_CONFIG,
+    NEW_FRAMES_PER_CHUNK,
+    VIDEO_FPS,
+    build_random_model,
+    env_record,
+    forward_flops,
+    write_random_turbo_lora,
+)
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from benchmark import BUCKETS, FULL_CONFIG, NEW_FRAMES_PER_CHUNK, VIDEO_FPS, _env, build_random_model, forward_flops  # noqa: E402
-
 MODES = {
     # name: (steps measured, steps reported, text guidance, audio guidance, shift)
     "exact": (3, 40, 5.0, 4.0, None),
@@ -117,16 +123,9 @@ class _Bench:
 
         from infinitetalk import audio as audio_lib
         from infinitetalk import media
-        from infinitetalk.pipeline import InfiniteTalkPipeline, compile_transformer
 
-        from infinitetalk import parallel
-
-        self.env = _env()
+        self.env = env_record()
         self.smoke = os.environ.get("BENCH_SMOKE") == "1"  # CPU dry run of the whole flow with tiny components
-        self.context = parallel.init_from_env()  # under torchrun: the transformer split over the GPUs
-        self.num_gpus = 1 if self.context is None else self.context.world_size
-        self.main = self.context is None or self.context.is_main
-        self.device = torch.device("cpu" if self.smoke else "cuda") if self.context is None else self.context.device
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
         subprocess.run([sys.executable, str(HERE / "make_tiny_weights.py"), str(self.tmp / "tiny")], check=True,
                        stdout=subprocess.DEVNULL)
@@ -136,19 +135,13 @@ class _Bench:
             # The encoder runs in its own process in production; noted in the record.
             media.VideoWriter = _NullWriter
         self.vae_dtype = torch.bfloat16 if getattr(args, "vae_bf16", False) else torch.float32
-        if self.smoke:
-            self.pipe = InfiniteTalkPipeline.from_pretrained(self.tmp / "tiny", device="cpu")
-        else:
-            transformer = build_random_model(FULL_CONFIG, num_layers=args.layers)
-            if compile_now:
-                compile_transformer(transformer)
-            vae, t5, tok, clip, audio = _random_components(self.device, torch.bfloat16, self.vae_dtype,
-                                                           self.tmp / "tiny")
-            self.pipe = InfiniteTalkPipeline(transformer, vae, t5, tok, clip, audio, device=self.device,
-                                             dtype=torch.bfloat16)
-        self.pipe.turbo_loaded = True  # the distilled LoRA fused into the weights costs nothing at run time
-        if self.context is not None:
-            self.pipe.enable_sequence_parallel(self.context)
+        self.fuse_turbo = bool(getattr(args, "fuse_turbo", False))
+        self.pipe = self._tiny_pipeline() if self.smoke else self._random_pipeline(args, compile_now)
+        self.lora = "fused" if self.fuse_turbo else "adapter"  # the turbo LoRA is loaded as the servers load it
+        self.context = self.pipe.parallel  # under torchrun: the transformer split over the GPUs
+        self.num_gpus = 1 if self.context is None else self.context.world_size
+        self.main = self.context is None or self.context.is_main
+        self.device = self.pipe.device
         try:
             from skimage import data
 
@@ -161,6 +154,40 @@ class _Bench:
         audio_lib.load_speech = lambda path, *a, **k: _speech_like(self.seconds)  # no decoder libs needed
         self.speech = self.tmp / "speech.wav"
         self.speech.write_bytes(b"")
+
+    def _tiny_pipeline(self):
+        """The tiny weights on the CPU, loaded as the servers load (this rank's share under torchrun)."""
+        from infinitetalk.build import build_pipeline
+        from infinitetalk.settings import Settings
+
+        from make_tiny_weights import write_turbo_lora
+
+        write_turbo_lora(self.tmp / "tiny")
+        settings = Settings(weights=self.tmp / "tiny", memory_mode="none", compile=False, num_gpus=1,
+                            fuse_turbo=self.fuse_turbo)
+        return build_pipeline(settings, device="cpu")
+
+    def _random_pipeline(self, args, compile_now: bool):
+        """Full-size random components on the GPU, given to the pipeline directly (build_pipeline
+        loads from a weights folder, and 38 GB of random weights are not written to disk for it)."""
+        from infinitetalk import distributed
+        from infinitetalk.lora import TurboLoRA
+        from infinitetalk.pipeline import InfiniteTalkPipeline, compile_transformer
+
+        context = distributed.init_from_env()  # first: it picks this rank's GPU
+        device = torch.device("cuda") if context is None else context.device
+        transformer = build_random_model(FULL_CONFIG, num_layers=args.layers)
+        # The turbo LoRA (random, the real file's key set and rank) as from_pretrained loads it: before compile.
+        lora = write_random_turbo_lora(self.tmp / "turbo.safetensors", num_layers=args.layers)
+        turbo = TurboLoRA.load(transformer, lora, fuse=self.fuse_turbo)
+        if compile_now:
+            compile_transformer(transformer)
+        vae, t5, tok, clip, audio = _random_components(device, torch.bfloat16, self.vae_dtype, self.tmp / "tiny")
+        pipe = InfiniteTalkPipeline(transformer, vae, t5, tok, clip, audio, device=device, dtype=torch.bfloat16,
+                                    turbo=turbo)
+        if context is not None:
+            pipe.enable_sequence_parallel(context)
+        return pipe
 
     def run(self, req, name: str):
         """Generate; returns (result, wall seconds, frames uint8 [N, H, W, 3] or None)."""
@@ -183,11 +210,10 @@ class _Bench:
             torch.cuda.empty_cache()
 
     def close(self):
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        if self.context is not None:
-            from infinitetalk import parallel
+        from infinitetalk.build import close_pipeline
 
-            parallel.shutdown()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        close_pipeline(self.pipe)
 
 
 def _chunk_record(b: _Bench, mode: str, res: str, h: int, w: int, result, wall: float, steps: int,
@@ -224,12 +250,16 @@ def bench_chunk(args) -> list[dict]:
     for res in args.resolutions:
         h, w = (64, 64) if b.smoke else BUCKETS[res]
         for mode in args.modes:
+            if mode == "exact" and b.fuse_turbo:
+                print("skipping exact: the turbo LoRA is fused (a turbo-only pipeline)", flush=True)
+                continue
             steps, steps_reported, tg, ag, shift = MODES[mode]
             req = GenerationRequest(image=b.image, audio=b.speech, width=w, height=h, steps=steps, text_guidance=tg,
                                     audio_guidance=ag, shift=shift, seed=0, turbo=mode != "exact")
             result, wall, _ = b.run(req, f"{mode}-{res}")
             rec = _chunk_record(b, mode, res, h, w, result, wall, steps, steps_reported, tg, ag,
-                                compiled=bool(getattr(args, "compile", False)))
+                                compiled=bool(getattr(args, "compile", False)),
+                                lora=b.lora if mode != "exact" else "adapter-disabled")
             if b.main:
                 print(rec, flush=True)
             records.append(rec)
@@ -300,7 +330,8 @@ def bench_approx(args) -> list[dict]:
             if ref is None:
                 ref, base_sampling = frames, sampling
             rec = _chunk_record(b, "exact-step-cache", f"{w}x{h}", h, w, result, wall, 40, 40, 5.0, 4.0,
-                                step_cache_threshold=thr, indicator_rel_l1=args.cache_rel_l1, forwards_total=120, forwards_skipped=int(skipped),
+                                step_cache_threshold=thr, indicator_rel_l1=args.cache_rel_l1, forwards_total=120,
+                                forwards_skipped=int(skipped),
                                 sampling_seconds=round(sampling, 2),
                                 sampling_speedup=round(base_sampling / sampling, 3), **_errors(frames, ref))
             print(rec, flush=True)

@@ -16,22 +16,18 @@ from __future__ import annotations
 import gc
 import shutil
 import subprocess
-import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from benchmark import BUCKETS, FULL_CONFIG, _env, build_random_model, forward_flops, forward_inputs, time_cuda  # noqa: E402
+from bench_common import BUCKETS, FULL_CONFIG, build_random_model, env_record, forward_flops, forward_inputs, time_cuda
 
 
 def bench_memory(args) -> list[dict]:
     from infinitetalk.pipeline import apply_memory_mode
 
-    env = _env()
+    env = env_record()
     records = []
     model = build_random_model(FULL_CONFIG)
     apply_memory_mode(model, "offload", torch.device("cuda"), torch.bfloat16)
@@ -42,9 +38,10 @@ def bench_memory(args) -> list[dict]:
         inputs, masks = forward_inputs(model.config, h, w, 1)
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
-            sec = time_cuda(lambda: model(*inputs, return_dict=False), args.warmup, args.repeats)
+            sec = time_cuda(partial(model, *inputs, return_dict=False), args.warmup, args.repeats)
+        floor = forward_flops(FULL_CONFIG, h, w)["floor_seconds"]
         rec = dict(env, mode="memory-offload", resolution=res, width=w, height=h, speakers=1,
-                   seconds_per_forward=round(sec, 3), floor_seconds_per_forward=round(forward_flops(FULL_CONFIG, h, w)["floor_seconds"], 3),
+                   seconds_per_forward=round(sec, 3), floor_seconds_per_forward=round(floor, 3),
                    peak_memory_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2),
                    resident_memory_gb=round(torch.cuda.memory_allocated() / 1e9, 2))
         print(rec, flush=True)
@@ -112,7 +109,7 @@ def bench_setup(args) -> list[dict]:
 
     from infinitetalk.weights import load_transformer, save_prepared
 
-    env = _env()
+    env = env_record()
     layers = args.layers or 10
     root = Path(args.scratch)
     shutil.rmtree(root, ignore_errors=True)

@@ -3,31 +3,26 @@
 Run it once on one GPU and once under ``torchrun --nproc-per-node N`` with the same ``--ref``
 file: the one-GPU run saves its outputs and times there, the N-GPU run (the full-size random
 model rebuilt from the same seed on every rank, tokens split with
-:func:`infinitetalk.parallel.enable_sequence_parallel`) reports its time per forward, the
+:func:`infinitetalk.distributed.enable_sequence_parallel`) reports its time per forward, the
 speed-up and the output's relative L2 error against the one-GPU output.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
+from functools import partial
 
 import torch
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from benchmark import BUCKETS, FULL_CONFIG, _env, build_random_model, forward_flops, forward_inputs, time_cuda  # noqa: E402
+from bench_common import BUCKETS, FULL_CONFIG, build_random_model, env_record, forward_flops, forward_inputs, time_cuda
 
 
 def bench_parallel(args) -> list[dict]:
-    from infinitetalk import parallel
+    from infinitetalk import distributed
 
-    context = parallel.init_from_env()
+    context = distributed.init_from_env()
     world = 1 if context is None else context.world_size
     main = context is None or context.is_main
-    env = _env()
+    env = env_record()
     torch.manual_seed(0)  # identical random weights on every rank and in the one-GPU run
     model = build_random_model(FULL_CONFIG, num_layers=args.layers)
     if args.memory_mode != "none":  # as from_pretrained does: memory mode first, then the split
@@ -36,7 +31,7 @@ def bench_parallel(args) -> list[dict]:
         apply_memory_mode(model, args.memory_mode, model.device, model.dtype)
         torch.cuda.empty_cache()
     if context is not None:
-        parallel.enable_sequence_parallel(model, world)
+        distributed.enable_sequence_parallel(model, world)
     refs = torch.load(args.ref, weights_only=False) if args.ref and args.ref.exists() else {}
     records = []
     for res in args.resolutions:
@@ -45,7 +40,7 @@ def bench_parallel(args) -> list[dict]:
             inputs, masks = forward_inputs(model.config, h, w, speakers)
             torch.cuda.reset_peak_memory_stats()
             with torch.no_grad():
-                sec = time_cuda(lambda: model(*inputs, ref_target_masks=masks, return_dict=False),
+                sec = time_cuda(partial(model, *inputs, ref_target_masks=masks, return_dict=False),
                                 args.warmup, args.repeats)
                 out = model(*inputs, ref_target_masks=masks, return_dict=False)[0].float().cpu()
             key = f"{res}-{speakers}-{args.memory_mode}"
@@ -75,5 +70,5 @@ def bench_parallel(args) -> list[dict]:
     if world == 1 and args.ref:
         torch.save(refs, args.ref)
     if context is not None:
-        parallel.shutdown()
+        distributed.shutdown()
     return records if main else []

@@ -1,7 +1,7 @@
 """One rank of the sequence-parallel forward check (run by tests/test_parallel.py under torchrun).
 
 Builds the same tiny fp32 transformer as the single-process reference (same seed), splits the
-tokens over the ranks with :func:`infinitetalk.parallel.enable_sequence_parallel` and saves the
+tokens over the ranks with :func:`infinitetalk.distributed.enable_sequence_parallel` and saves the
 gathered outputs for one and two speakers, plus a step-cache reuse call.
 """
 
@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from infinitetalk import parallel  # noqa: E402
+from infinitetalk import distributed  # noqa: E402
 from infinitetalk.models import InfiniteTalkTransformer3DModel  # noqa: E402
 from infinitetalk.step_cache import StepCacheConfig, step_cache_stats  # noqa: E402
 
@@ -71,14 +71,14 @@ def run(model) -> dict[str, torch.Tensor]:
 
 
 def main(out_path: str) -> None:
-    context = parallel.init_from_env()
+    context = distributed.init_from_env()
     model = build()
     if context is not None:
-        parallel.enable_sequence_parallel(model, context.world_size)
+        distributed.enable_sequence_parallel(model, context.world_size)
     result = run(model)
     if context is None or context.is_main:
         torch.save(result, out_path)
-    parallel.shutdown()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from decoding import ffprobe_streams  # tests/ is on sys.path for test modules
 
 from infinitetalk import cli
-from infinitetalk.media import ffprobe_streams
 from infinitetalk.pipeline import InfiniteTalkPipeline
 
 pytestmark = [
@@ -47,6 +47,7 @@ def fake_pipeline(monkeypatch, tmp_path):
     Runs in ``tmp_path``, where the (empty) input files the tests name exist."""
     seen: dict = {}
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("INFINITETALK_WEIGHTS", raising=False)  # the default folder is weights/
     for name in ("p.png", "a.wav", "b.wav", "in.mp4"):
         (tmp_path / name).touch()
 

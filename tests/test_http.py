@@ -26,7 +26,7 @@ import pytest
 
 pytest.importorskip("cog")
 
-from infinitetalk.media import ffprobe_streams  # noqa: E402
+from decoding import ffprobe_streams  # noqa: E402
 from loopback import data_url, ffmpeg_descendants, free_port, stop_process_group  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from decoding import ffprobe_streams  # tests/ is on sys.path for test modules
 from PIL import Image
 
 from infinitetalk.errors import InputError
@@ -26,7 +27,6 @@ from infinitetalk.media import (
     VideoFrameReader,
     VideoWriter,
     check_duration,
-    ffprobe_streams,
     load_image,
     probe,
     write_wav,

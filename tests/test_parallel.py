@@ -18,13 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from infinitetalk.errors import GenerationCancelled, InputError
-from infinitetalk.parallel import MultiGPUPipeline, PipelineLoader, check_num_gpus
-from infinitetalk.pipeline import GenerationRequest
-
 from decoding import decode_frames  # noqa: E402  (tests/ is on sys.path for test modules)
 from loopback import free_port  # noqa: E402
+
+from infinitetalk.build import num_ranks
+from infinitetalk.distributed import check_num_gpus
+from infinitetalk.errors import GenerationCancelled, InputError
+from infinitetalk.parallel import MultiGPUPipeline, PipelineLoader
+from infinitetalk.pipeline import GenerationRequest
+from infinitetalk.settings import Settings
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed"),
@@ -131,29 +133,24 @@ def test_unsupported_gpu_counts_are_refused(n):
 
 
 @pytest.mark.parametrize("value, expected", [(None, 1), ("auto", 1), ("1", 1), ("2", 1), ("8", 1)])
-def test_num_gpus_setting_is_ignored_without_several_gpus(monkeypatch, value, expected):
+def test_num_gpus_setting_is_ignored_without_several_gpus(value, expected):
     # This machine has no GPU: every setting falls back to the plain one-process pipeline.
-    from infinitetalk.parallel import num_gpus_from_env
-
-    if value is None:
-        monkeypatch.delenv("INFINITETALK_NUM_GPUS", raising=False)
-    else:
-        monkeypatch.setenv("INFINITETALK_NUM_GPUS", value)
-    assert num_gpus_from_env() == expected
+    env = {} if value is None else {"INFINITETALK_NUM_GPUS": value}
+    assert num_ranks(Settings.from_env(env)) == expected
 
 
 def test_num_gpus_setting_lowered_to_visible_gpus(monkeypatch):
-    from infinitetalk import parallel
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 6)
-    monkeypatch.setenv("INFINITETALK_NUM_GPUS", "auto")
-    assert parallel.num_gpus_from_env() == 4  # 6 visible: 4 split the heads and every bucket evenly
-    monkeypatch.setenv("INFINITETALK_NUM_GPUS", "8")
-    assert parallel.num_gpus_from_env() == 4
-    monkeypatch.setenv("INFINITETALK_NUM_GPUS", "2")
-    assert parallel.num_gpus_from_env() == 2
+
+    def ranks(value: str) -> int:
+        return num_ranks(Settings.from_env({"INFINITETALK_NUM_GPUS": value}))
+
+    assert ranks("auto") == 4  # 6 visible: 4 split the heads and every bucket evenly
+    assert ranks("8") == 4
+    assert ranks("2") == 2
     for bad in ("3", "two"):
-        monkeypatch.setenv("INFINITETALK_NUM_GPUS", bad)
-        with pytest.raises(ValueError, match="INFINITETALK_NUM_GPUS|num_gpus must be one of"):
-            parallel.num_gpus_from_env()
+        with pytest.raises(ValueError, match=f"INFINITETALK_NUM_GPUS must be one of auto, 1, 2, 4, 8; got '{bad}'"):
+            ranks(bad)
+    # An explicit CPU device runs the count as given, as gloo processes (tests, debugging).
+    assert num_ranks(Settings(num_gpus=2), "cpu") == 2 and num_ranks(Settings(), "cpu") == 1

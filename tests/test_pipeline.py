@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from decoding import decode_frames, ffprobe_streams  # noqa: E402  (tests/ is on sys.path for test modules)
 
 from infinitetalk import pipeline as pipeline_mod
 from infinitetalk.errors import InputError
-from infinitetalk.media import VideoFrameReader, ffprobe_streams
+from infinitetalk.media import VideoFrameReader
 from infinitetalk.pipeline import GenerationRequest, InfiniteTalkPipeline
-
-from decoding import decode_frames  # noqa: E402  (tests/ is on sys.path for test modules)
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed"),

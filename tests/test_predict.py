@@ -12,9 +12,10 @@ import pytest
 
 cog = pytest.importorskip("cog")
 
+from decoding import ffprobe_streams  # noqa: E402  (tests/ is on sys.path for test modules)
+
 import predict  # noqa: E402  (tests/conftest.py puts the repo root on sys.path)
 from infinitetalk.errors import InputError  # noqa: E402
-from infinitetalk.media import ffprobe_streams  # noqa: E402
 
 FPS = 25
 
@@ -222,16 +223,18 @@ def test_two_rank_predictor_gives_the_same_video(predictor, tiny_weights, portra
     """INFINITETALK_NUM_GPUS > 1 on a multi-GPU machine: setup() starts the worker rank(s) and every
     prediction is split over them (here 2 gloo ranks on the CPU); the video equals one rank's."""
     import numpy as np
-
     from decoding import decode_frames
-    from infinitetalk import parallel
+
+    from infinitetalk import distributed, parallel
 
     def frames(path):
         return np.frombuffer(decode_frames(path), np.uint8).astype(int)
 
     speech = make_speech(1.6, "predict_two_ranks")
     ref = frames(predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech))))
-    monkeypatch.setattr(parallel, "num_gpus_from_env", lambda: 2)
+    # This machine has no GPU: pretend the 2 asked for are visible (the ranks are gloo processes on the CPU).
+    monkeypatch.setattr(distributed, "usable_num_gpus", lambda wanted=None: wanted or 1)
+    monkeypatch.setenv("INFINITETALK_NUM_GPUS", "2")
     monkeypatch.setenv("INFINITETALK_WEIGHTS", str(tiny_weights))
     # The spawned rank must sum in the same order as this process (one torch thread, see
     # one_torch_thread): a different thread count changes fp32 rounding, which H.264 then amplifies.

@@ -37,12 +37,12 @@ pytest.importorskip("moto")
 if shutil.which("ffmpeg") is None:
     pytest.skip("ffmpeg not installed", allow_module_level=True)
 
+from decoding import ffprobe_streams  # noqa: E402
+from loopback import data_url, ffmpeg_descendants, free_port, stop_process_group  # noqa: E402
 from s3_server import s3_server  # noqa: E402,F401  (tests/ is on sys.path for test modules)
 
 from infinitetalk import service  # noqa: E402
 from infinitetalk.errors import InputError  # noqa: E402
-from infinitetalk.media import ffprobe_streams  # noqa: E402
-from loopback import data_url, ffmpeg_descendants, free_port, stop_process_group  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 180.0
@@ -383,9 +383,9 @@ def test_cog_predictor_uploads_to_the_bucket_too_and_still_returns_the_file(pipe
                                                                            s3_server, capsys):
     """The self-hosted Cog option: same upload path; the output stays a file, the URL goes to logs and metrics."""
     cog = pytest.importorskip("cog")
-    import predict
     from test_predict import args
 
+    import predict
     from infinitetalk.storage import storage_from_env
 
     p = predict.Predictor()

@@ -110,7 +110,7 @@ def test_keys_are_per_job_and_content_so_retries_never_clobber(s3_server, tmp_pa
         ({"INFINITETALK_OUTPUT_BUCKET": "bkt", "INFINITETALK_S3_MULTIPART_MB": "1"},
          "INFINITETALK_S3_MULTIPART_MB must be between 5 and"),
         ({"INFINITETALK_OUTPUT_BUCKET": "bkt", "INFINITETALK_S3_ADDRESSING_STYLE": "dns"},
-         "INFINITETALK_S3_ADDRESSING_STYLE must be auto, path or virtual"),
+         "INFINITETALK_S3_ADDRESSING_STYLE must be one of auto, path, virtual; got 'dns'"),
         ({"INFINITETALK_REQUIRE_BUCKET": "1"}, "no output bucket configured: set INFINITETALK_OUTPUT_BUCKET"),
     ],
 )

@@ -1,0 +1,184 @@
+"""The settings of one server or CLI run, read and validated in one place before anything loads.
+
+:meth:`Settings.from_env` reads every ``INFINITETALK_*`` variable (model switches, the output
+storage, the RunPod worker's limits) and raises :class:`SettingsError` with one line naming the
+variable and the values it accepts; an unknown ``INFINITETALK_*`` variable (a typo such as
+``INFINITETALK_MEMROY_MODE``) is an error too, naming the closest known one. The Cog predictor, the
+RunPod worker and the CLI do this first, before any weight is read or downloaded and before CUDA
+is touched; :func:`infinitetalk.build.build_pipeline` then loads the pipeline the settings describe.
+
+Model switches (the storage variables are documented in :mod:`infinitetalk.storage`, the worker's
+in :class:`WorkerSettings`):
+
+==============================  ==================================================================
+``INFINITETALK_WEIGHTS``        weights folder; default ``weights/`` in the repo (created and filled
+                                by the servers' setup when absent)
+``INFINITETALK_MEMORY_MODE``    ``auto`` (default: ``offload`` on a GPU under 75 GB, else ``none``),
+                                ``none``, ``fp8``, ``offload``
+``INFINITETALK_COMPILE``        1 (default): regional torch.compile on CUDA; 0: eager
+``INFINITETALK_FUSE_TURBO``     1: fold the turbo LoRA into the weights (a turbo-only server); default 0
+``INFINITETALK_NUM_GPUS``       ``auto`` (default: every visible GPU, lowered to 1, 2, 4 or 8), 1, 2, 4, 8
+==============================  ==================================================================
+
+This module imports no torch: reading the settings takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import download, storage
+from .envvars import PREFIX, SettingsError, env_choice, env_flag, env_number
+from .storage import StorageConfig
+
+ENV_WEIGHTS = download.ENV_WEIGHTS
+ENV_MEMORY_MODE = "INFINITETALK_MEMORY_MODE"
+ENV_COMPILE = "INFINITETALK_COMPILE"
+ENV_FUSE_TURBO = "INFINITETALK_FUSE_TURBO"
+ENV_NUM_GPUS = "INFINITETALK_NUM_GPUS"
+ENV_INPUT_MAX_MB = "INFINITETALK_INPUT_MAX_MB"
+ENV_INPUT_TIMEOUT_S = "INFINITETALK_INPUT_TIMEOUT_S"
+ENV_INLINE_MAX_MB = "INFINITETALK_INLINE_MAX_MB"
+ENV_PROGRESS_INTERVAL_S = "INFINITETALK_PROGRESS_INTERVAL_S"
+
+#: Every ``INFINITETALK_*`` variable the code reads; any other one is refused as a likely typo.
+KNOWN_VARIABLES = (
+    ENV_WEIGHTS, ENV_MEMORY_MODE, ENV_COMPILE, ENV_FUSE_TURBO, ENV_NUM_GPUS,
+    ENV_INPUT_MAX_MB, ENV_INPUT_TIMEOUT_S, ENV_INLINE_MAX_MB, ENV_PROGRESS_INTERVAL_S,
+    *storage.ENV_VARS, download.ENV_WAN_REVISION, download.ENV_TURBO_REVISION,
+)
+
+#: ``auto`` (resolved when the pipeline is built) and the pipeline's memory modes.
+MEMORY_MODES = ("auto", "none", "fp8", "offload")
+#: GPU counts that split all 40 heads and every bucket's token count evenly.
+SUPPORTED_NUM_GPUS = (1, 2, 4, 8)
+MB = 1024 * 1024
+
+#: The name the RunPod worker's settings errors had; the same class.
+WorkerConfigError = SettingsError
+
+
+def check_num_gpus(num_gpus: int, available: int | None = None) -> None:
+    """``num_gpus`` is a supported count (and, given ``available``, no more than that)."""
+    if num_gpus not in SUPPORTED_NUM_GPUS:
+        raise SettingsError(f"num_gpus must be one of {SUPPORTED_NUM_GPUS} (the 40 attention heads and the token "
+                            f"counts of all size buckets split evenly over them), got {num_gpus}")
+    if available is not None and num_gpus > available:
+        raise SettingsError(f"num_gpus is {num_gpus} but only {available} GPU(s) are visible")
+
+
+def check_known(env: Mapping[str, str]) -> None:
+    """Refuse an ``INFINITETALK_*`` variable that no code reads (it would silently do nothing)."""
+    unknown = sorted(name for name in env if name.startswith(PREFIX) and name not in KNOWN_VARIABLES)
+    if not unknown:
+        return
+    name = unknown[0]
+    close = difflib.get_close_matches(name[len(PREFIX):], [k[len(PREFIX):] for k in KNOWN_VARIABLES], n=1, cutoff=0.7)
+    hint = f"did you mean {PREFIX}{close[0]}?" if close else "the settings are " + ", ".join(sorted(KNOWN_VARIABLES))
+    raise SettingsError(f"{name} is not an InfiniteTalk setting; {hint}")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The RunPod worker's limits: ``INFINITETALK_INPUT_MAX_MB`` (largest input file, default 1024),
+    ``INFINITETALK_INPUT_TIMEOUT_S`` (longest download of one input, default 300),
+    ``INFINITETALK_INLINE_MAX_MB`` (largest video returned inline without a bucket, default 10),
+    ``INFINITETALK_PROGRESS_INTERVAL_S`` (least time between two step progress updates, default 5)."""
+
+    input_max_bytes: int = 1024 * MB
+    input_timeout_s: float = 300.0
+    inline_max_bytes: int = 10 * MB
+    progress_interval_s: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
+        env = os.environ if env is None else env
+        return cls(input_max_bytes=int(env_number(env, ENV_INPUT_MAX_MB, 1024, 1, 100_000) * MB),
+                   input_timeout_s=float(env_number(env, ENV_INPUT_TIMEOUT_S, 300, 1, 86_400)),
+                   inline_max_bytes=int(env_number(env, ENV_INLINE_MAX_MB, 10, 0, 1024) * MB),
+                   progress_interval_s=float(env_number(env, ENV_PROGRESS_INTERVAL_S, 5, 0, 3600)))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to load the pipeline and serve it.  The defaults are the servers' (= ``from_env({})``).
+
+    ``memory_mode``: ``auto`` (resolved when the pipeline is built: ``offload`` on a GPU under
+    75 GB, else ``none``), ``none``, ``fp8`` or ``offload``.  ``compile``: None compiles on CUDA
+    only (the servers' ``INFINITETALK_COMPILE=1``), True on any device (the CLI's ``--compile``),
+    False never.  ``num_gpus``: None uses every visible GPU (lowered to 1, 2, 4 or 8); a count is
+    lowered to the GPUs present.  ``turbo_lora`` (default: the one in the weights folder) and
+    ``attention_backend`` are the CLI's ``--lora`` and ``--attention-backend``.  ``storage`` is None
+    without a bucket; ``check_bucket`` asks for the start-up ``HeadBucket``.
+    """
+
+    weights: Path = field(default_factory=lambda: download.default_weights_dir({}))
+    memory_mode: str = "auto"
+    compile: bool | None = None
+    fuse_turbo: bool = False
+    num_gpus: int | None = None
+    turbo_lora: Path | None = None
+    attention_backend: str | None = None
+    storage: StorageConfig | None = None
+    check_bucket: bool = True
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", Path(self.weights))
+        if self.turbo_lora is not None:
+            object.__setattr__(self, "turbo_lora", Path(self.turbo_lora))
+        if self.memory_mode not in MEMORY_MODES:
+            raise SettingsError(f"memory_mode must be one of {', '.join(MEMORY_MODES)}; got {self.memory_mode!r}")
+        if self.compile not in (None, True, False):
+            raise SettingsError(f"compile must be None (on CUDA only), True or False, got {self.compile!r}")
+        if self.num_gpus is not None:
+            check_num_gpus(self.num_gpus)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and check every ``INFINITETALK_*`` variable of ``env`` (default ``os.environ``).
+
+        No file is read and nothing is downloaded or connected to (the bucket's network check is
+        :func:`infinitetalk.storage.open_storage`); raises :class:`SettingsError`.
+        """
+        env = os.environ if env is None else env
+        check_known(env)
+        weights = download.default_weights_dir(env)
+        if weights.exists() and not weights.is_dir():
+            raise SettingsError(f"{ENV_WEIGHTS} must be a folder (it is created when missing), got {str(weights)!r}")
+        memory_mode = env_choice(env, ENV_MEMORY_MODE, "auto", MEMORY_MODES)
+        compile_on_cuda = env_flag(env, ENV_COMPILE, True)
+        fuse_turbo = env_flag(env, ENV_FUSE_TURBO, False)
+        num_gpus = env_choice(env, ENV_NUM_GPUS, "auto", ("auto", *map(str, SUPPORTED_NUM_GPUS)))
+        config = StorageConfig.from_env(env)
+        storage.check_required(config, storage.bucket_required(env))
+        return cls(weights=weights, memory_mode=memory_mode, compile=None if compile_on_cuda else False,
+                   fuse_turbo=fuse_turbo, num_gpus=None if num_gpus == "auto" else int(num_gpus),
+                   storage=config, check_bucket=storage.bucket_check(env), worker=WorkerSettings.from_env(env))
+
+
+__all__ = [
+    "ENV_COMPILE",
+    "ENV_FUSE_TURBO",
+    "ENV_INLINE_MAX_MB",
+    "ENV_INPUT_MAX_MB",
+    "ENV_INPUT_TIMEOUT_S",
+    "ENV_MEMORY_MODE",
+    "ENV_NUM_GPUS",
+    "ENV_PROGRESS_INTERVAL_S",
+    "ENV_WEIGHTS",
+    "KNOWN_VARIABLES",
+    "MB",
+    "MEMORY_MODES",
+    "SUPPORTED_NUM_GPUS",
+    "Settings",
+    "SettingsError",
+    "WorkerConfigError",
+    "WorkerSettings",
+    "check_known",
+    "check_num_gpus",
+]
