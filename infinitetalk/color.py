@@ -62,7 +62,8 @@ def _match(frames01: torch.Tensor, ref01: torch.Tensor, strength: float) -> torc
     flat = lab.reshape(lab.shape[0], -1, 3)
     mean = flat.mean(1, keepdim=True)
     std = flat.std(1, unbiased=False, keepdim=True)
-    matched = torch.where(std == 0, ref_mean.expand_as(flat), (flat - mean) * (ref_std / std.clamp(min=1e-30)) + ref_mean)
+    scaled = (flat - mean) * (ref_std / std.clamp(min=1e-30)) + ref_mean
+    matched = torch.where(std == 0, ref_mean.expand_as(flat), scaled)
     corrected = lab_to_rgb(matched.reshape(lab.shape))
     return (1 - strength) * frames01 + strength * corrected
 

@@ -60,7 +60,8 @@ def clip_pixels(frame: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=CLIP_S
 
 
 @torch.no_grad()
-def encode_image_clip(image_encoder, frame: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+def encode_image_clip(image_encoder, frame: torch.Tensor, size: int = 224, mean=CLIP_MEAN,
+                      std=CLIP_STD) -> torch.Tensor:
     """CLIP vision penultimate hidden states of a [-1, 1] frame ``[3, H, W]`` -> ``[1, 257, C]``."""
     pixels = clip_pixels(frame, size, mean, std).to(image_encoder.device, image_encoder.dtype)
     out = image_encoder(pixel_values=pixels, output_hidden_states=True)

@@ -118,8 +118,8 @@ class WeightPaths:
         single, multi = (root / INFINITETALK_DIR / f for f in INFINITETALK_FILES)
         wav2vec = root / WAV2VEC_DIR
         prepared = root / PREPARED_DIR
-        missing = [str(p) for p in (base / "vae", base / "text_encoder", base / "tokenizer", base / "image_encoder", wav2vec)
-                   if not p.exists()]
+        needed = (base / "vae", base / "text_encoder", base / "tokenizer", base / "image_encoder", wav2vec)
+        missing = [str(p) for p in needed if not p.exists()]
         if not (base / "transformer").exists() and not prepared.exists():
             missing.append(str(base / "transformer"))
         if not single.exists() and not prepared.exists():

@@ -100,7 +100,8 @@ def convert_official_state_dict_partial(state_dict: dict[str, torch.Tensor]) -> 
 def convert_official_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A whole official-naming state dict (base + audio) -> our naming."""
     audio = {convert_official_audio_key(k): v for k, v in state_dict.items() if is_official_audio_key(k)}
-    base = convert_official_base_keys({_strip_prefix(k): v for k, v in state_dict.items() if not is_official_audio_key(k)})
+    base = convert_official_base_keys(
+        {_strip_prefix(k): v for k, v in state_dict.items() if not is_official_audio_key(k)})
     overlap = set(audio) & set(base)
     if overlap:
         raise WeightsError(f"keys produced twice by the conversion: {sorted(overlap)[:5]}")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from bench_common import (
     BUCKETS,
     FULL_CONFIG,
@@ -159,7 +160,6 @@ class _Bench:
         """The tiny weights on the CPU, loaded as the servers load (this rank's share under torchrun)."""
         from infinitetalk.build import build_pipeline
         from infinitetalk.settings import Settings
-
         from make_tiny_weights import write_turbo_lora
 
         write_turbo_lora(self.tmp / "tiny")

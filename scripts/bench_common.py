@@ -127,8 +127,9 @@ def write_random_turbo_lora(path: Path, num_layers: int | None = None, rank: int
     """A turbo LoRA file with the key set of the real lightx2v file (``make_tiny_weights``' list) at the
     full model's sizes, random bf16 values small enough that the model stays finite. The benchmarks
     load it as the servers do (``TurboLoRA.load``), so turbo is measured with the LoRA in place."""
-    from make_tiny_weights import TinySpec, turbo_lora_shapes
     from safetensors.torch import save_file
+
+    from make_tiny_weights import TinySpec, turbo_lora_shapes
 
     cfg = FULL_CONFIG
     spec = TinySpec(num_attention_heads=cfg["num_attention_heads"], attention_head_dim=cfg["attention_head_dim"],

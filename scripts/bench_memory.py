@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+
 from bench_common import BUCKETS, FULL_CONFIG, build_random_model, env_record, forward_flops, forward_inputs, time_cuda
 
 

@@ -13,6 +13,7 @@ import json
 from functools import partial
 
 import torch
+
 from bench_common import BUCKETS, FULL_CONFIG, build_random_model, env_record, forward_flops, forward_inputs, time_cuda
 
 

@@ -13,6 +13,7 @@ Usage:
     python scripts/benchmark.py chunk --modes exact,turbo
     python scripts/benchmark.py parallel --ref /tmp/ref.pt        # one GPU: reference outputs, times
     torchrun --nproc-per-node 2 scripts/benchmark.py parallel --ref /tmp/ref.pt
+    python scripts/benchmark.py lora --variants fp8   # turbo LoRA adapter on/off, fused, none (compiled)
 Results: a table on stdout and a JSON list of records (``--json PATH``).
 """
 
@@ -28,6 +29,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+
 from bench_common import BUCKETS, FULL_CONFIG, build_random_model, env_record, forward_flops, forward_inputs, time_cuda
 
 
@@ -107,7 +109,7 @@ def _forward_sweep(args, model, env, layers, variant, refs) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="InfiniteTalk GPU benchmark")
-    ap.add_argument("what", choices=["forward", "chunk", "approx", "memory", "setup", "parallel"])
+    ap.add_argument("what", choices=["forward", "chunk", "approx", "memory", "setup", "parallel", "lora"])
     ap.add_argument("--scratch", default="/tmp/infinitetalk-setup-bench", help="setup: where to write weights")
     ap.add_argument("--resolutions", default="480p", type=lambda s: s.split(","))
     ap.add_argument("--backends", default="_native_cudnn", type=lambda s: s.split(","))
@@ -161,6 +163,10 @@ def main(argv=None) -> int:
         from bench_chunk import bench_approx
 
         records = bench_approx(args)
+    elif args.what == "lora":
+        from bench_lora import bench_lora
+
+        records = bench_lora(args)
     elif args.what == "memory":
         from bench_memory import bench_memory
 

@@ -12,15 +12,17 @@ import json
 from pathlib import Path
 
 import torch
+
 from parity_common import CaseResult, compare
 
 REL_TOL = 1e-4
 
 
 def _load_model(golden: Path, feature_dim: int):
+    from safetensors.torch import load_file
+
     from infinitetalk.models import InfiniteTalkTransformer3DModel
     from infinitetalk.weights import config_from_official, load_official_state_dict
-    from safetensors.torch import load_file
 
     official = json.loads((golden / "tiny_dit_config.json").read_text())
     config = config_from_official(official)

@@ -10,8 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from decoding import ffprobe_streams  # tests/ is on sys.path for test modules
 
+from decoding import ffprobe_streams  # tests/ is on sys.path for test modules
 from infinitetalk import cli
 from infinitetalk.pipeline import InfiniteTalkPipeline
 

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from decoding import ffprobe_streams  # tests/ is on sys.path for test modules
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import make_tiny_weights as mtw
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import make_tiny_weights as mtw
 from infinitetalk.errors import InputError
 from infinitetalk.lora import ADAPTER_NAME, TurboLoRA
 from infinitetalk.weights import convert_official_state_dict_partial, load_transformer

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from decoding import ffprobe_streams  # tests/ is on sys.path for test modules
 from PIL import Image
 
+from decoding import ffprobe_streams  # tests/ is on sys.path for test modules
 from infinitetalk.errors import InputError
 from infinitetalk.media import (
     DEFAULT_MAX_PIXELS,

@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from decoding import decode_frames  # noqa: E402  (tests/ is on sys.path for test modules)
-from loopback import free_port  # noqa: E402
 
+from decoding import decode_frames  # noqa: E402  (tests/ is on sys.path for test modules)
 from infinitetalk.build import num_ranks
 from infinitetalk.distributed import check_num_gpus
 from infinitetalk.errors import GenerationCancelled, InputError
 from infinitetalk.parallel import MultiGPUPipeline, PipelineLoader
 from infinitetalk.pipeline import GenerationRequest
 from infinitetalk.settings import Settings
+from loopback import free_port  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed"),

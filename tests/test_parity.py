@@ -25,7 +25,8 @@ def test_every_golden_case_passes(golden):
     names = {ln.split()[0] for ln in lines}
     # transformer (one and two speakers, outputs and intermediates), audio projection, wav2vec2,
     # schedules, windows, chunk counts, buckets, colour, CFG/APG and the sampling loop
-    for needle in ("dit.caseA.output", "dit.caseB.output", "dit.caseB.audio_proj_out", "dit.caseB.block1_lrope_pos_visual"):
+    needles = ("dit.caseA.output", "dit.caseB.output", "dit.caseB.audio_proj_out", "dit.caseB.block1_lrope_pos_visual")
+    for needle in needles:
         assert needle in names, needle
     for prefix in ("w2v.", "sched.", "win.", "chunks.", "bucket.choice.", "bucket.crop", "color.", "cfg.step0.apg3",
                    "loop.loop_apg2"):

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from decoding import decode_frames, ffprobe_streams  # noqa: E402  (tests/ is on sys.path for test modules)
 
+from decoding import decode_frames, ffprobe_streams  # noqa: E402  (tests/ is on sys.path for test modules)
 from infinitetalk import pipeline as pipeline_mod
 from infinitetalk.errors import InputError
 from infinitetalk.media import VideoFrameReader

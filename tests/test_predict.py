@@ -12,9 +12,8 @@ import pytest
 
 cog = pytest.importorskip("cog")
 
-from decoding import ffprobe_streams  # noqa: E402  (tests/ is on sys.path for test modules)
-
 import predict  # noqa: E402  (tests/conftest.py puts the repo root on sys.path)
+from decoding import ffprobe_streams  # noqa: E402  (tests/ is on sys.path for test modules)
 from infinitetalk.errors import InputError  # noqa: E402
 
 FPS = 25
@@ -223,8 +222,8 @@ def test_two_rank_predictor_gives_the_same_video(predictor, tiny_weights, portra
     """INFINITETALK_NUM_GPUS > 1 on a multi-GPU machine: setup() starts the worker rank(s) and every
     prediction is split over them (here 2 gloo ranks on the CPU); the video equals one rank's."""
     import numpy as np
-    from decoding import decode_frames
 
+    from decoding import decode_frames
     from infinitetalk import distributed, parallel
 
     def frames(path):

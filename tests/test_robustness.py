@@ -24,14 +24,14 @@ if shutil.which("ffmpeg") is None:
     pytest.skip("ffmpeg not installed", allow_module_level=True)
 
 import torch  # noqa: E402
+
 from decoding import ffprobe_streams  # noqa: E402  (tests/ is on sys.path for test modules)
 from hostile import make_corpus  # noqa: E402  (tests/ is on sys.path for test modules)
-from test_predict import _ffmpeg_children, args, one_torch_thread, predictor, private_tmp  # noqa: E402,F401
-
 from infinitetalk import audio as audio_lib  # noqa: E402
 from infinitetalk import inputs  # noqa: E402
 from infinitetalk.errors import InputError  # noqa: E402
 from infinitetalk.pipeline import GenerationError  # noqa: E402
+from test_predict import _ffmpeg_children, args, one_torch_thread, predictor, private_tmp  # noqa: E402,F401
 
 FPS = 25
 SPEECH_S = 1.0

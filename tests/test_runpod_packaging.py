@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import yaml
+
 from test_packaging import read_pins  # noqa: E402  (tests/ is on sys.path for test modules)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,11 +38,10 @@ if shutil.which("ffmpeg") is None:
     pytest.skip("ffmpeg not installed", allow_module_level=True)
 
 from decoding import ffprobe_streams  # noqa: E402
-from loopback import data_url, ffmpeg_descendants, free_port, stop_process_group  # noqa: E402
-from s3_server import s3_server  # noqa: E402,F401  (tests/ is on sys.path for test modules)
-
 from infinitetalk import service  # noqa: E402
 from infinitetalk.errors import InputError  # noqa: E402
+from loopback import data_url, ffmpeg_descendants, free_port, stop_process_group  # noqa: E402
+from s3_server import s3_server  # noqa: E402,F401  (tests/ is on sys.path for test modules)
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 180.0
@@ -262,7 +261,8 @@ def test_two_jobs_back_to_back_both_complete_with_distinct_objects(worker, files
 def test_bad_configuration_stops_the_worker_at_boot(tiny_weights, s3_server, tmp_path):
     """Before any model is loaded: one line on stderr and exit status 2."""
     cases = [
-        ({**s3_server.env(), "INFINITETALK_OUTPUT_BUCKET": "no-such-bucket"}, "the bucket 'no-such-bucket' does not exist"),
+        ({**s3_server.env(), "INFINITETALK_OUTPUT_BUCKET": "no-such-bucket"},
+         "the bucket 'no-such-bucket' does not exist"),
         ({"INFINITETALK_REQUIRE_BUCKET": "1", "INFINITETALK_INLINE_MAX_MB": "5"},
          "no output bucket configured: set INFINITETALK_OUTPUT_BUCKET"),
     ]
@@ -383,10 +383,9 @@ def test_cog_predictor_uploads_to_the_bucket_too_and_still_returns_the_file(pipe
                                                                            s3_server, capsys):
     """The self-hosted Cog option: same upload path; the output stays a file, the URL goes to logs and metrics."""
     cog = pytest.importorskip("cog")
-    from test_predict import args
-
     import predict
     from infinitetalk.storage import storage_from_env
+    from test_predict import args
 
     p = predict.Predictor()
     p.pipe, p.storage, p._last_workdir = pipe, storage_from_env(s3_server.env()), None

@@ -23,10 +23,9 @@ cog = pytest.importorskip("cog")
 if shutil.which("ffmpeg") is None:
     pytest.skip("ffmpeg not installed", allow_module_level=True)
 
+from infinitetalk.errors import InputError  # noqa: E402
 from test_predict import _ffmpeg_children, one_torch_thread, predictor, private_tmp  # noqa: E402,F401
 from test_robustness import CASES, _listing, _tiny, check_video, corpus  # noqa: E402,F401
-
-from infinitetalk.errors import InputError  # noqa: E402
 
 RUNS = 200
 WARMUP = 10

@@ -19,10 +19,9 @@ import pytest
 pytest.importorskip("boto3")
 pytest.importorskip("moto")
 
-from s3_server import s3_server  # noqa: E402,F401  (tests/ is on sys.path for test modules)
-
 from infinitetalk import storage  # noqa: E402
 from infinitetalk.storage import StorageConfig, StorageConfigError, storage_from_env  # noqa: E402
+from s3_server import s3_server  # noqa: E402,F401  (tests/ is on sys.path for test modules)
 
 MB = 1024 * 1024
 

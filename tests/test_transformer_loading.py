@@ -40,7 +40,8 @@ def config():
 def inputs():
     cases = load_file(str(GOLDEN / "tiny_dit_cases.safetensors"))
     latents = torch.cat([cases["inputs.x"], cases["inputs.y"]])[None]
-    return latents, cases["inputs.t"], cases["inputs.context0"][None], cases["inputs.clip_fea"], cases["caseA.audio"][None]
+    return (latents, cases["inputs.t"], cases["inputs.context0"][None], cases["inputs.clip_fea"],
+            cases["caseA.audio"][None])
 
 
 def _run(model, inputs):
@@ -67,7 +68,8 @@ def _write_real_layout(tmp: Path, config: dict, official: dict) -> tuple[Path, P
     for fname, ks in shards.items():
         save_file({k: base[k].contiguous() for k in ks}, str(tdir / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in ks})
-    (tdir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (tdir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
     wan_keys = ["patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
                 "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "image_dim",
                 "added_kv_proj_dim", "rope_max_seq_len"]
@@ -82,7 +84,8 @@ def _write_real_layout(tmp: Path, config: dict, official: dict) -> tuple[Path, P
 def test_real_layout_matches_official_state_dict(tmp_path, config, official, inputs):
     ref = _run(_official_model(config, official), inputs)
     tdir, it_file = _write_real_layout(tmp_path, config, official)
-    model = load_transformer(tdir, it_file, dtype=torch.float32, extra_config={"audio_feature_dim": config["audio_feature_dim"]})
+    model = load_transformer(tdir, it_file, dtype=torch.float32,
+                             extra_config={"audio_feature_dim": config["audio_feature_dim"]})
     out = _run(model, inputs)
     assert ((out - ref).norm() / ref.norm()) < 1e-6  # same weights; only kernel scheduling may differ
     # The audio config was inferred from the InfiniteTalk file's shapes.
