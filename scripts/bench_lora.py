@@ -37,6 +37,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _fresh_model(args, lora: Path | None, fuse: bool):
     from infinitetalk.lora import TurboLoRA
 
+    torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)  # the same random weights in every model
     model = build_random_model(FULL_CONFIG, num_layers=args.layers)
     turbo = TurboLoRA.load(model, lora, fuse=fuse) if lora is not None else None
@@ -65,8 +66,8 @@ def _measure(args, model, inputs, label: str, env: dict, **extra) -> tuple[dict,
     return rec, out
 
 
-def _release(*objs) -> None:
-    del objs
+def _release() -> None:
+    """After the caller dropped its model: compiled graphs and cached blocks go too."""
     torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
@@ -87,7 +88,8 @@ def bench_lora(args) -> list[dict]:
         rec, exact = _measure(args, model, inputs, "none", env, lora="none")
         records.append(rec)
         base = rec["seconds_per_forward"]
-        _release(model)
+        del model
+        _release()
         # 2. The served default: the adapter loaded before compile, switched per request.
         model, turbo = _fresh_model(args, lora, fuse=False)
         compile_transformer(model)
@@ -104,7 +106,8 @@ def bench_lora(args) -> list[dict]:
                 rec["rel_l2_vs_first_run_of_this_mode"] = _rel(out, outs[label])
             outs.setdefault(label, out)
             records.append(rec)
-        _release(model, turbo)
+        del model, turbo
+        _release()
         # 3. A turbo-only server: fused.
         model, _ = _fresh_model(args, lora, fuse=True)
         compile_transformer(model)
@@ -113,7 +116,8 @@ def bench_lora(args) -> list[dict]:
         rec["rel_l2_vs_adapter_on"] = _rel(fused, outs["adapter-on"])
         rec["rel_l2_turbo_vs_exact"] = _rel(fused, exact)
         records.append(rec)
-        _release(model)
+        del model
+        _release()
         # 4. fp8 compute with the adapter (quantised base layers, bf16 adapter), eager.
         if "fp8" in args.variants:
             model, turbo = _fresh_model(args, lora, fuse=False)
@@ -123,6 +127,7 @@ def bench_lora(args) -> list[dict]:
             rec["rel_l2_vs_bf16_adapter_on"] = _rel(out, outs["adapter-on"])
             rec["finite"] = bool(torch.isfinite(out).all())
             records.append(rec)
-            _release(model, turbo)
+            del model, turbo
+            _release()
     return records
 

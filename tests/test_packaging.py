@@ -37,6 +37,8 @@ IMPORT_TO_DIST = {
     "runpod": "runpod",
     "boto3": "boto3",
     "botocore": "botocore",
+    "ftfy": "ftfy",
+    "peft": "peft",
 }
 LOCAL_PACKAGES = {"infinitetalk"}
 #: Pinned for the GPU image only: the CUDA torch, and torchao (FP8 GEMMs on Hopper, imported only by
