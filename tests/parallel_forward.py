@@ -78,6 +78,11 @@ def main(out_path: str) -> None:
     result = run(model)
     if context is None or context.is_main:
         torch.save(result, out_path)
+    if context is not None:
+        # Every rank leaves together: a rank destroying its gloo group while another is still inside
+        # the last collective aborted once ("terminate called without an active exception") on a
+        # loaded 2-core machine.
+        torch.distributed.barrier()
     distributed.shutdown()
 
 
