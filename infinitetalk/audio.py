@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import subprocess
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,9 @@ __all__ = [
     "AudioInfo",
     "probe_audio",
     "decode_audio",
+    "decode_audio_native",
+    "soundtrack_rate",
+    "AAC_SAMPLE_RATES",
     "loudness_normalize",
     "load_speech",
     "num_video_frames",
@@ -54,6 +58,10 @@ __all__ = [
 SAMPLE_RATE = 16000
 FPS = 25
 _DECODE_TIMEOUT_S = 900
+#: Sample rates the AAC encoder takes; the soundtrack keeps a source's rate when it is one of them.
+AAC_SAMPLE_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+#: Channels the soundtrack keeps; speech with more is downmixed to stereo.
+SOUNDTRACK_MAX_CHANNELS = 2
 
 PathLike = Union[str, os.PathLike]
 
@@ -120,40 +128,87 @@ def _to_mono(y: np.ndarray) -> np.ndarray:
     return y.T.mean(axis=0) if y.shape[1] > 1 else y[:, 0]
 
 
-def _decode_soundfile(path: str, sr: int) -> Optional[np.ndarray]:
-    """libsndfile decode (+ soxr HQ resampling, as librosa.load does); None if unsupported."""
+def _read_soundfile(path: str, max_channels: Optional[int] = None) -> Optional[tuple[np.ndarray, int]]:
+    """libsndfile decode at the file's own rate: ``([N, C] float32, rate)``; None if libsndfile cannot
+    read it or it has more than ``max_channels`` channels (checked from the header, before decoding)."""
     try:
         import soundfile as sf
     except ImportError:  # pragma: no cover - soundfile is a dependency
         return None
     try:
-        y, file_sr = sf.read(path, dtype="float32", always_2d=True)
+        if max_channels is not None and sf.info(path).channels > max_channels:
+            return None
+        y, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception:  # noqa: BLE001 - any libsndfile failure means "try ffmpeg"
         return None
-    y = _to_mono(y)
-    if file_sr != sr:
-        try:
-            import soxr
-        except ImportError:
-            return None
-        y = soxr.resample(y, file_sr, sr, quality="HQ")
-    return np.ascontiguousarray(y, dtype=np.float32)
+    return y, int(rate)
 
 
-def _decode_ffmpeg(path: str, sr: int) -> np.ndarray:
+def _resample(y: np.ndarray, rate: int, sr: int) -> Optional[np.ndarray]:
+    """soxr HQ resampling (as librosa.load does) of ``[N]`` or ``[N, C]``; None without soxr."""
+    if rate == sr:
+        return y
+    try:
+        import soxr
+    except ImportError:  # pragma: no cover - soxr is a dependency
+        return None
+    return soxr.resample(y, rate, sr, quality="HQ")
+
+
+def _decode_soundfile(path: str, sr: int) -> Optional[np.ndarray]:
+    """libsndfile decode (+ soxr HQ resampling, as librosa.load does) to mono; None if unsupported."""
+    read = _read_soundfile(path)
+    if read is None:
+        return None
+    y = _resample(_to_mono(read[0]), read[1], sr)
+    return None if y is None else np.ascontiguousarray(y, dtype=np.float32)
+
+
+def _decode_ffmpeg(path: str, sr: Optional[int] = None,
+                   max_channels: Optional[int] = None) -> tuple[np.ndarray, int]:
+    """ffmpeg decode of the first audio stream: ``([N, C] float32, rate)``.
+
+    ``rate`` is ``sr``, or with None the stream's own rate as :func:`soundtrack_rate` maps it. ``C`` is the
+    stream's channel count, at most ``max_channels`` (ffmpeg downmixes by the stream's channel layout).
+    The samples go through an unnamed temporary file, so the decoded audio is held in memory once.
+    """
     info = probe_audio(path)
     channels = info.channels or 1
+    if max_channels is not None:
+        channels = min(channels, max_channels)
+    rate = sr if sr is not None else soundtrack_rate(info.sample_rate or 48000)
     cmd = [_tool("ffmpeg"), "-nostdin", "-v", "error", "-i", path, "-map", "0:a:0", "-vn", "-sn", "-dn",
-           "-ac", str(channels), "-ar", str(sr), "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1"]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=_DECODE_TIMEOUT_S)
-    if proc.returncode != 0:
-        msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        logger.debug("ffmpeg failed on %s: %s", path, msg[-1:] if msg else "")
-        raise InputError(f"cannot decode the audio of {_display(path)}")
-    y = np.frombuffer(proc.stdout, dtype="<f4")
+           "-ac", str(channels), "-ar", str(rate), "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1"]
+    with tempfile.TemporaryFile() as out:
+        try:
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, timeout=_DECODE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # run() has killed and reaped ffmpeg
+            raise InputError(f"the audio of {_display(path)} could not be decoded within "
+                             f"{_DECODE_TIMEOUT_S} s") from None
+        if proc.returncode != 0:
+            msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            logger.debug("ffmpeg failed on %s: %s", path, msg[-1:] if msg else "")
+            raise InputError(f"cannot decode the audio of {_display(path)}")
+        out.seek(0)
+        y = np.fromfile(out, dtype="<f4")
     usable = (y.size // channels) * channels
-    y = y[:usable].reshape(-1, channels)
-    return np.ascontiguousarray(_to_mono(y), dtype=np.float32)
+    return y[:usable].reshape(-1, channels).astype(np.float32, copy=False), rate
+
+
+def _check_file(path: PathLike) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"audio file {_display(path)} does not exist")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"audio file {_display(path)} is empty")
+    return path
+
+
+def _check_samples(path: str, y: np.ndarray) -> None:
+    if y.size == 0:
+        raise InputError(f"audio file {_display(path)} contains no samples")
+    if not np.isfinite(y).all():
+        raise InputError(f"audio file {_display(path)} contains NaN or infinite samples")
 
 
 def decode_audio(path: PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
@@ -167,19 +222,48 @@ def decode_audio(path: PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     Raises:
         InputError: missing file, no audio stream, undecodable, empty, or non-finite samples.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputError(f"audio file {_display(path)} does not exist")
-    if os.path.getsize(path) == 0:
-        raise InputError(f"audio file {_display(path)} is empty")
+    path = _check_file(path)
     y = _decode_soundfile(path, sr)
     if y is None:
-        y = _decode_ffmpeg(path, sr)
-    if y.size == 0:
-        raise InputError(f"audio file {_display(path)} contains no samples")
-    if not np.isfinite(y).all():
-        raise InputError(f"audio file {_display(path)} contains NaN or infinite samples")
+        y = np.ascontiguousarray(_to_mono(_decode_ffmpeg(path, sr)[0]), dtype=np.float32)
+    _check_samples(path, y)
     return y
+
+
+def soundtrack_rate(rate: int) -> int:
+    """The output's sample rate for a source at ``rate`` Hz: ``rate`` itself when AAC takes it
+    (:data:`AAC_SAMPLE_RATES`), else the next higher rate AAC takes, at most 96 kHz."""
+    for candidate in AAC_SAMPLE_RATES:
+        if candidate >= rate:
+            return candidate
+    return AAC_SAMPLE_RATES[-1]
+
+
+def _decode_soundfile_native(path: str) -> Optional[tuple[np.ndarray, int]]:
+    """libsndfile decode at the file's own rate (or :func:`soundtrack_rate`'s, soxr HQ), all channels;
+    None if unsupported or the file has more than :data:`SOUNDTRACK_MAX_CHANNELS` channels."""
+    read = _read_soundfile(path, max_channels=SOUNDTRACK_MAX_CHANNELS)
+    if read is None:
+        return None
+    sr = soundtrack_rate(read[1])
+    y = _resample(read[0], read[1], sr)
+    return None if y is None else (np.ascontiguousarray(y, dtype=np.float32), sr)
+
+
+def decode_audio_native(path: PathLike) -> tuple[np.ndarray, int]:
+    """Decode speech as it is, for the soundtrack: ``([N, C] float32, rate)``, no loudness change.
+
+    The rate is the file's own when AAC can carry it, else :func:`soundtrack_rate`'s (soxr HQ). One or
+    two channels are kept as they are; more are downmixed to stereo by ffmpeg with its standard matrix
+    for the stream's channel layout (the layout ffmpeg assumes for the count when the file names none).
+    Same readers, checks and messages as :func:`decode_audio`, and the same start: the 16 kHz copy and
+    this one line up sample for sample (both readers resample without delay).
+    """
+    path = _check_file(path)
+    decoded = _decode_soundfile_native(path)
+    y, rate = decoded if decoded is not None else _decode_ffmpeg(path, None, SOUNDTRACK_MAX_CHANNELS)
+    _check_samples(path, y)
+    return y, rate
 
 
 def loudness_normalize(wav: np.ndarray, sr: int = SAMPLE_RATE, target_lufs: float = -23.0) -> np.ndarray:

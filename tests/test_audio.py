@@ -9,18 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 import torch
 
 from infinitetalk.audio import (
+    AAC_SAMPLE_RATES,
+    SAMPLE_RATE,
     Wav2Vec2FeatureEncoder,
     audio_window_indices,
     combine_speakers,
     decode_audio,
+    decode_audio_native,
     gather_windows,
     loudness_normalize,
     num_video_frames,
     pad_audio_end,
     probe_audio,
+    soundtrack_rate,
 )
 from infinitetalk.errors import InputError
 
@@ -280,3 +285,117 @@ def test_encoder_deterministic_and_windowed_cnn_matches(encoder):
 def test_encoder_rejects_too_short(encoder):
     with pytest.raises(InputError):
         encoder.encode(np.zeros(500, dtype=np.float32))
+
+
+# ----------------------------------------------------------------------------- the output's soundtrack
+def _voice(make_speech, seconds: float, rate: int, name: str = "native") -> np.ndarray:
+    """Real speech (espeak-ng) resampled to ``rate``, peak 0.5: float32 ``[N]``."""
+    y, sr = sf.read(str(make_speech(seconds, name)), dtype="float32")
+    y = soxr.resample(y, sr, rate, quality="HQ") if sr != rate else y
+    return (0.5 * y / np.abs(y).max()).astype(np.float32)
+
+
+def _stereo(make_speech, seconds: float, rate: int) -> np.ndarray:
+    """Two different channels: the speech left, the speech backwards (at a lower level) right."""
+    left = _voice(make_speech, seconds, rate)
+    return np.stack([left, 0.6 * left[::-1]], axis=1)
+
+
+def _lag(a: np.ndarray, b: np.ndarray, max_lag: int = 40) -> int:
+    """Lag (samples) of ``a`` against ``b`` with the best correlation."""
+    n = min(len(a), len(b)) - 2 * max_lag
+    scores = [float(np.dot(a[max_lag + lag: max_lag + lag + n], b[max_lag: max_lag + n]))
+              for lag in range(-max_lag, max_lag + 1)]
+    return int(np.argmax(scores)) - max_lag
+
+
+def test_soundtrack_rates_are_aac_rates():
+    for rate in AAC_SAMPLE_RATES:
+        assert soundtrack_rate(rate) == rate
+    assert soundtrack_rate(47999) == 48000 and soundtrack_rate(50000) == 64000
+    assert soundtrack_rate(192000) == 96000 and soundtrack_rate(4000) == 7350
+
+
+def test_native_decode_keeps_rate_channels_and_samples(make_speech, tmp_path):
+    stereo = _stereo(make_speech, 1.5, 48000)
+    path = tmp_path / "stereo48k.wav"
+    sf.write(str(path), stereo, 48000, subtype="FLOAT")
+    y, rate = decode_audio_native(path)
+    assert rate == 48000 and y.shape == stereo.shape and y.dtype == np.float32
+    assert np.array_equal(y, stereo)  # as given: no loudness normalisation, no resampling
+    # The model's copy of the same file is 16 kHz mono and normalised.
+    assert decode_audio(path).shape == (24000,)
+
+    hi = tmp_path / "mono192k.wav"
+    sf.write(str(hi), _voice(make_speech, 1.0, 192000), 192000, subtype="PCM_24")
+    y, rate = decode_audio_native(hi)
+    assert rate == 96000 and y.shape == (96000, 1)  # above what AAC takes: 96 kHz (soxr)
+
+
+@needs_ffmpeg
+def test_native_decode_through_ffmpeg(make_speech, tmp_path):
+    wav = tmp_path / "mono44k.wav"
+    sf.write(str(wav), _voice(make_speech, 1.5, 44100), 44100)
+    mp3 = tmp_path / "speech.mp3"
+    _ffmpeg("-i", str(wav), "-c:a", "libmp3lame", "-b:a", "128k", str(mp3))
+    y, rate = decode_audio_native(mp3)
+    assert rate == 44100 and y.shape[1] == 1
+    opus = tmp_path / "stereo.opus"
+    sf.write(str(tmp_path / "st.wav"), _stereo(make_speech, 1.5, 48000), 48000)
+    _ffmpeg("-i", str(tmp_path / "st.wav"), "-c:a", "libopus", "-b:a", "128k", str(opus))
+    y, rate = decode_audio_native(opus)
+    assert rate == 48000 and y.shape[1] == 2
+    assert not np.allclose(y[:, 0], y[:, 1], atol=0.05)
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("fmt", ["wav", "mp3", "m4a"])
+def test_native_and_model_copies_start_together(make_speech, tmp_path, fmt):
+    """Same start and length (within one 16 kHz sample) as the 16 kHz copy, through either reader."""
+    wav = tmp_path / "s.wav"
+    sf.write(str(wav), _stereo(make_speech, 2.0, 44100), 44100)
+    path = wav
+    if fmt != "wav":
+        path = tmp_path / f"s.{fmt}"
+        _ffmpeg("-i", str(wav), "-b:a", "192k", str(path))
+    y, rate = decode_audio_native(path)
+    model = decode_audio(path)
+    back = soxr.resample(y.mean(axis=1), rate, SAMPLE_RATE, quality="HQ")
+    assert abs(len(back) - len(model)) <= 1
+    assert _lag(back, model) == 0
+    n = min(len(back), len(model))
+    corr = np.dot(back[:n], model[:n]) / (np.linalg.norm(back[:n]) * np.linalg.norm(model[:n]))
+    assert corr > 0.999, corr  # the same signal (ffmpeg's resampler differs slightly from soxr)
+
+
+@needs_ffmpeg
+def test_native_decode_more_channels_become_stereo(make_speech, tmp_path):
+    voice = _voice(make_speech, 1.0, 48000)
+    six = np.zeros((len(voice), 6), np.float32)  # 5.1: FL FR FC LFE BL BR
+    six[:, 0] = voice  # front left only
+    path = tmp_path / "surround.wav"
+    sf.write(str(path), six, 48000, subtype="PCM_24")
+    y, rate = decode_audio_native(path)
+    assert rate == 48000 and y.shape == (len(voice), 2)
+    assert np.abs(y[:, 0]).max() > 0.2 and np.abs(y[:, 1]).max() < 1e-3  # stays on the left
+    six[:, 0], six[:, 2] = 0.0, voice  # centre only: both sides alike
+    sf.write(str(path), six, 48000, subtype="PCM_24")
+    y, _ = decode_audio_native(path)
+    np.testing.assert_allclose(y[:, 0], y[:, 1], atol=1e-6)
+    assert np.abs(y[:, 0]).max() > 0.1
+
+
+@needs_ffmpeg
+def test_native_decode_refuses_what_decode_audio_refuses(tmp_path):
+    nan = np.zeros(16000, np.float32)
+    nan[100] = np.nan
+    sf.write(str(tmp_path / "nan.wav"), nan, 16000, subtype="FLOAT")
+    (tmp_path / "text.wav").write_text("not audio at all\n" * 50)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    _ffmpeg("-f", "lavfi", "-i", "color=c=gray:s=32x32:r=25:d=1", "-c:v", "mpeg4", str(tmp_path / "silent.mp4"))
+    for name in ("nan.wav", "text.wav", "empty.wav", "silent.mp4", "missing.wav"):
+        with pytest.raises(InputError) as expected:
+            decode_audio(tmp_path / name)
+        with pytest.raises(InputError) as got:
+            decode_audio_native(tmp_path / name)
+        assert str(got.value) == str(expected.value)
