@@ -12,6 +12,9 @@ Official semantics (SPEC §4.1-4.3, golden README §2-3):
 * each output frame gets the 5-frame window ``center + (-2..2)`` clamped to the current
   (possibly end-padded) embedding;
 * end padding appends a time-reversed copy of the last ``miss`` frames.
+
+The video's soundtrack is not that copy: :func:`write_soundtrack` decodes the speech again at its own
+sample rate and channels, without loudness change, and mixes two speakers with the same timing.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ __all__ = [
     "decode_audio",
     "decode_audio_native",
     "soundtrack_rate",
+    "write_soundtrack",
     "AAC_SAMPLE_RATES",
     "loudness_normalize",
     "load_speech",
@@ -62,6 +66,10 @@ _DECODE_TIMEOUT_S = 900
 AAC_SAMPLE_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
 #: Channels the soundtrack keeps; speech with more is downmixed to stereo.
 SOUNDTRACK_MAX_CHANNELS = 2
+#: Frames mixed and written at a time (the soundtrack is never held in memory whole).
+_SOUNDTRACK_BLOCK = 1 << 16
+#: Largest soundtrack written as plain WAV (RIFF sizes are 32-bit); longer ones are RF64.
+_WAV_MAX_BYTES = 2**32 - 2**16
 
 PathLike = Union[str, os.PathLike]
 
@@ -329,6 +337,92 @@ def combine_speakers(
     else:
         raise InputError(f"audio_type must be 'para' or 'add', got {audio_type!r}")
     return s1, s2, (s1 + s2).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- the output's soundtrack
+def write_soundtrack(path: PathLike, duration: float, speech: PathLike, speech_2: Optional[PathLike] = None,
+                     audio_type: str = "para", switch: Optional[float] = None) -> Path:
+    """Write the video's soundtrack: the speech as given, at its own rate and channels, ``duration`` s long.
+
+    The model hears a 16 kHz mono, loudness-normalised copy (:func:`load_speech`); the soundtrack is
+    decoded again from the files (:func:`decode_audio_native`) and keeps their quality:
+
+    * one speaker: the decoded speech, unchanged (no loudness normalisation, no limiting);
+    * two speakers: the track has speaker 1's rate and channels. Speaker 2 is resampled to that rate
+      (soxr HQ); it keeps its channels when it has as many as speaker 1, else its mean over channels goes
+      into every channel (stereo into mono: (L+R)/2; mono into stereo: the same signal left and right).
+      ``para``: both start at 0 and are summed; only when the sum's peak exceeds full scale (1.0) is the
+      whole mix scaled down by ``1 / peak`` so it cannot clip; nothing else changes its level.
+      ``add``: speaker 1 until ``switch`` seconds, then speaker 2 (no level change). ``switch`` is the
+      16 kHz track's switch point (speaker 1's length there), so lips and sound change speaker at the
+      same sample; None uses speaker 1's length at its own rate.
+    * Cut at ``duration`` (the video's length), or padded with silence to it.
+
+    The file is 32-bit float WAV (RF64 beyond 4 GB): lossless for any source, also float sources beyond
+    full scale. It is mixed and written in blocks, so the decoded speakers are the only full-length arrays
+    in memory (one float32 copy each; a resampled speaker 2 briefly has two).
+
+    Raises:
+        InputError: what :func:`decode_audio_native` raises, or an unknown ``audio_type``.
+    """
+    if audio_type not in ("para", "add"):
+        raise InputError(f"audio_type must be 'para' or 'add', got {audio_type!r}")
+    if not duration > 0:
+        raise ValueError(f"duration must be positive, got {duration!r}")
+    y1, rate = decode_audio_native(speech)
+    channels = y1.shape[1]
+    parts = [(y1, 0)]
+    gain = 1.0
+    if speech_2 is not None:
+        y2, rate_2 = decode_audio_native(speech_2)
+        y2 = _conform(y2, rate_2, rate, channels)
+        start = 0
+        if audio_type == "add":
+            start = len(y1) if switch is None else int(round(switch * rate))
+            parts = [(y1[:start], 0)]
+        parts.append((y2, start))
+    total = int(round(duration * rate))
+    if speech_2 is not None and audio_type == "para":
+        peak = max(float(np.abs(_mix_block(parts, a, min(total, a + _SOUNDTRACK_BLOCK), channels)).max())
+                   for a in range(0, total, _SOUNDTRACK_BLOCK))
+        gain = 1.0 / peak if peak > 1.0 else 1.0
+    _write_blocks(Path(path), parts, total, channels, rate, gain)
+    logger.info("soundtrack: %d Hz, %d channel(s), %.2f s%s", rate, channels, total / rate,
+                f", mix scaled by {gain:.3f} to stay below full scale" if gain != 1.0 else "")
+    return Path(path)
+
+
+def _conform(y: np.ndarray, rate: int, to_rate: int, channels: int) -> np.ndarray:
+    """Speaker 2 in speaker 1's layout: mean over channels unless the counts match (mono is then spread
+    over the channels when mixing), resampled to ``to_rate``."""
+    if y.shape[1] not in (1, channels):
+        y = y.mean(axis=1, keepdims=True, dtype=np.float32)
+    resampled = _resample(y, rate, to_rate)
+    if resampled is None:  # pragma: no cover - soxr is a dependency
+        raise RuntimeError("soxr is needed to mix speakers of different sample rates")
+    return np.asarray(resampled, dtype=np.float32).reshape(-1, y.shape[1])
+
+
+def _mix_block(parts: Sequence[tuple[np.ndarray, int]], a: int, b: int, channels: int) -> np.ndarray:
+    """Frames ``[a, b)`` of the sum of ``(samples [N, C or 1], start frame)`` parts, silence elsewhere."""
+    block = np.zeros((b - a, channels), dtype=np.float32)
+    for y, start in parts:
+        lo, hi = max(a, start), min(b, start + len(y))
+        if hi > lo:
+            block[lo - a:hi - a] += y[lo - start:hi - start]
+    return block
+
+
+def _write_blocks(path: Path, parts, total: int, channels: int, rate: int, gain: float) -> None:
+    import soundfile as sf
+
+    fmt = "WAV" if total * channels * 4 <= _WAV_MAX_BYTES else "RF64"
+    with sf.SoundFile(str(path), "w", samplerate=rate, channels=channels, subtype="FLOAT", format=fmt) as out:
+        for a in range(0, total, _SOUNDTRACK_BLOCK):
+            block = _mix_block(parts, a, min(total, a + _SOUNDTRACK_BLOCK), channels)
+            if gain != 1.0:
+                block *= np.float32(gain)
+            out.write(block)
 
 
 # --------------------------------------------------------------------------- windows / padding

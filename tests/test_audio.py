@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ import soundfile as sf
 import soxr
 import torch
 
+from decoding import ffprobe_streams  # tests/ is on sys.path for test modules
+from infinitetalk import audio as audio_mod
 from infinitetalk.audio import (
     AAC_SAMPLE_RATES,
     SAMPLE_RATE,
@@ -26,8 +29,10 @@ from infinitetalk.audio import (
     pad_audio_end,
     probe_audio,
     soundtrack_rate,
+    write_soundtrack,
 )
 from infinitetalk.errors import InputError
+from infinitetalk.media import VideoWriter
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 SPEECH = GOLDEN / "speech_16k.wav"
@@ -399,3 +404,103 @@ def test_native_decode_refuses_what_decode_audio_refuses(tmp_path):
         with pytest.raises(InputError) as got:
             decode_audio_native(tmp_path / name)
         assert str(got.value) == str(expected.value)
+
+
+def test_soundtrack_one_speaker_is_the_input_cut_or_padded(make_speech, tmp_path):
+    stereo = 0.1 * _stereo(make_speech, 1.5, 48000)  # quiet: it stays quiet (no loudness normalisation)
+    src = tmp_path / "in.wav"
+    sf.write(str(src), stereo, 48000, subtype="FLOAT")
+    for seconds in (1.0, 2.0):
+        out = write_soundtrack(tmp_path / "track.wav", seconds, src)
+        y, rate = sf.read(str(out), dtype="float32", always_2d=True)
+        assert rate == 48000 and y.shape == (int(seconds * 48000), 2) and sf.info(str(out)).subtype == "FLOAT"
+        n = min(len(y), len(stereo))
+        assert np.array_equal(y[:n], stereo[:n])
+        assert not y[n:].any()  # padded with silence up to the video's length
+
+
+def test_soundtrack_para_mixes_in_speaker_1_layout_without_clipping(make_speech, tmp_path):
+    one = _stereo(make_speech, 1.5, 48000)
+    two = _voice(make_speech, 1.0, 16000, "other")[::-1].copy()
+    sf.write(str(tmp_path / "one.wav"), one, 48000, subtype="FLOAT")
+    sf.write(str(tmp_path / "two.wav"), two, 16000, subtype="FLOAT")
+    out = write_soundtrack(tmp_path / "mix.wav", 1.5, tmp_path / "one.wav", tmp_path / "two.wav", "para")
+    y, rate = sf.read(str(out), dtype="float32", always_2d=True)
+    assert rate == 48000 and y.shape == one.shape
+    up = soxr.resample(two, 16000, 48000, quality="HQ")
+    expected = one.copy()
+    expected[: len(up)] += up[:, None]  # mono speaker 2 in both channels, from t = 0
+    assert np.abs(expected).max() < 1.0
+    np.testing.assert_allclose(y, expected, atol=1e-6)  # under full scale: the plain sum
+
+    loud = tmp_path / "loud.wav"
+    sf.write(str(loud), 3.0 * one, 48000, subtype="FLOAT")  # peaks at 1.5: the sum would clip
+    out = write_soundtrack(tmp_path / "mix.wav", 1.5, loud, tmp_path / "two.wav", "para")
+    y, _ = sf.read(str(out), dtype="float32", always_2d=True)
+    expected = 3.0 * one
+    expected[: len(up)] += up[:, None]
+    peak = np.abs(expected).max()
+    assert peak > 1.0 and np.abs(y).max() == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(y, expected / peak, atol=1e-6)  # scaled as a whole, nothing else
+
+
+def test_soundtrack_stereo_speaker_2_into_mono_speaker_1(make_speech, tmp_path):
+    one = 0.5 * _voice(make_speech, 1.0, 44100)
+    two = 0.5 * _stereo(make_speech, 1.0, 44100)
+    sf.write(str(tmp_path / "one.wav"), one, 44100, subtype="FLOAT")
+    sf.write(str(tmp_path / "two.wav"), two, 44100, subtype="FLOAT")
+    out = write_soundtrack(tmp_path / "mix.wav", 1.0, tmp_path / "one.wav", tmp_path / "two.wav", "para")
+    y, rate = sf.read(str(out), dtype="float32", always_2d=True)
+    assert rate == 44100 and y.shape == (44100, 1)
+    np.testing.assert_allclose(y[:, 0], one + two.mean(axis=1), atol=1e-6)
+
+
+def test_soundtrack_add_switches_where_the_model_track_does(make_speech, tmp_path):
+    one = _stereo(make_speech, 1.0, 48000)
+    two = _voice(make_speech, 0.8, 22050, "other")
+    sf.write(str(tmp_path / "one.wav"), one, 48000, subtype="FLOAT")
+    sf.write(str(tmp_path / "two.wav"), two, 22050, subtype="FLOAT")
+    switch = 15999 / SAMPLE_RATE  # the 16 kHz track's speaker 1 length (one sample short of 1 s)
+    out = write_soundtrack(tmp_path / "add.wav", 2.0, tmp_path / "one.wav", tmp_path / "two.wav", "add", switch)
+    y, rate = sf.read(str(out), dtype="float32", always_2d=True)
+    start = round(switch * 48000)  # 47997
+    assert rate == 48000 and y.shape == (96000, 2)
+    assert np.array_equal(y[:start], one[:start])  # speaker 1 (cut at the switch), level unchanged
+    up = soxr.resample(two, 22050, 48000, quality="HQ")
+    np.testing.assert_allclose(y[start: start + len(up)], np.repeat(up[:, None], 2, 1), atol=1e-6)
+    assert not y[start + len(up):].any()
+    with pytest.raises(InputError, match="audio_type must be 'para' or 'add'"):
+        write_soundtrack(tmp_path / "x.wav", 1.0, tmp_path / "one.wav", tmp_path / "two.wav", "mix")
+
+
+def test_soundtrack_memory_is_one_copy_per_speaker(tmp_path):
+    rng = np.random.default_rng(0)
+    seconds = 30.0
+    one = (0.1 * rng.standard_normal((int(seconds * 48000), 2))).astype(np.float32)  # 11.5 MB as float32
+    two = (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32)  # 1.9 MB, 5.8 MB at 48 kHz
+    sf.write(str(tmp_path / "one.wav"), one, 48000, subtype="PCM_16")
+    sf.write(str(tmp_path / "two.wav"), two, 16000, subtype="PCM_16")
+    del one, two
+    tracemalloc.start()
+    try:
+        write_soundtrack(tmp_path / "mix.wav", seconds, tmp_path / "one.wav", tmp_path / "two.wav", "para")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Speaker 1, speaker 2 at 48 kHz and its 16 kHz source (soxr's output is not even traced), plus a few
+    # mixing blocks: a full-length mix (11.5 MB more) does not fit.
+    copies = seconds * 48000 * 2 * 4 + seconds * 48000 * 4 + seconds * 16000 * 4
+    assert peak < copies + 4e6, (peak, copies)
+
+
+@needs_ffmpeg
+def test_soundtrack_over_4_gb_is_rf64_and_muxes(make_speech, tmp_path, monkeypatch):
+    monkeypatch.setattr(audio_mod, "_WAV_MAX_BYTES", 0)  # every track "too big" for RIFF
+    sf.write(str(tmp_path / "in.wav"), _stereo(make_speech, 1.0, 48000), 48000)
+    out = audio_mod.write_soundtrack(tmp_path / "track.wav", 1.0, tmp_path / "in.wav")
+    assert out.read_bytes()[:4] == b"RF64"
+    video = tmp_path / "v.mp4"
+    with VideoWriter(video, 64, 64, audio_path=out, duration=1.0) as writer:
+        writer.write(np.zeros((25, 64, 64, 3), np.uint8))
+    a = ffprobe_streams(video)["audio"]
+    assert a["sample_rate"] == 48000 and a["channels"] == 2 and a["duration"] == pytest.approx(1.0, abs=0.04)
