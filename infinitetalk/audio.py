@@ -381,7 +381,7 @@ def write_soundtrack(path: PathLike, duration: float, speech: PathLike, speech_2
             start = len(y1) if switch is None else int(round(switch * rate))
             parts = [(y1[:start], 0)]
         parts.append((y2, start))
-    total = int(round(duration * rate))
+    total = max(1, int(round(duration * rate)))
     if speech_2 is not None and audio_type == "para":
         peak = max(float(np.abs(_mix_block(parts, a, min(total, a + _SOUNDTRACK_BLOCK), channels)).max())
                    for a in range(0, total, _SOUNDTRACK_BLOCK))
