@@ -12,6 +12,9 @@ Official semantics (SPEC §4.1-4.3, golden README §2-3):
 * each output frame gets the 5-frame window ``center + (-2..2)`` clamped to the current
   (possibly end-padded) embedding;
 * end padding appends a time-reversed copy of the last ``miss`` frames.
+
+The video's soundtrack is not that copy: :func:`write_soundtrack` decodes the speech again at its own
+sample rate and channels, without loudness change, and mixes two speakers with the same timing.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import math
 import os
 import shutil
 import subprocess
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +45,10 @@ __all__ = [
     "AudioInfo",
     "probe_audio",
     "decode_audio",
+    "decode_audio_native",
+    "soundtrack_rate",
+    "write_soundtrack",
+    "AAC_SAMPLE_RATES",
     "loudness_normalize",
     "load_speech",
     "num_video_frames",
@@ -54,6 +62,14 @@ __all__ = [
 SAMPLE_RATE = 16000
 FPS = 25
 _DECODE_TIMEOUT_S = 900
+#: Sample rates the AAC encoder takes; the soundtrack keeps a source's rate when it is one of them.
+AAC_SAMPLE_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+#: Channels the soundtrack keeps; speech with more is downmixed to stereo.
+SOUNDTRACK_MAX_CHANNELS = 2
+#: Frames mixed and written at a time (the soundtrack is never held in memory whole).
+_SOUNDTRACK_BLOCK = 1 << 16
+#: Largest soundtrack written as plain WAV (RIFF sizes are 32-bit); longer ones are RF64.
+_WAV_MAX_BYTES = 2**32 - 2**16
 
 PathLike = Union[str, os.PathLike]
 
@@ -120,40 +136,87 @@ def _to_mono(y: np.ndarray) -> np.ndarray:
     return y.T.mean(axis=0) if y.shape[1] > 1 else y[:, 0]
 
 
-def _decode_soundfile(path: str, sr: int) -> Optional[np.ndarray]:
-    """libsndfile decode (+ soxr HQ resampling, as librosa.load does); None if unsupported."""
+def _read_soundfile(path: str, max_channels: Optional[int] = None) -> Optional[tuple[np.ndarray, int]]:
+    """libsndfile decode at the file's own rate: ``([N, C] float32, rate)``; None if libsndfile cannot
+    read it or it has more than ``max_channels`` channels (checked from the header, before decoding)."""
     try:
         import soundfile as sf
     except ImportError:  # pragma: no cover - soundfile is a dependency
         return None
     try:
-        y, file_sr = sf.read(path, dtype="float32", always_2d=True)
+        if max_channels is not None and sf.info(path).channels > max_channels:
+            return None
+        y, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception:  # noqa: BLE001 - any libsndfile failure means "try ffmpeg"
         return None
-    y = _to_mono(y)
-    if file_sr != sr:
-        try:
-            import soxr
-        except ImportError:
-            return None
-        y = soxr.resample(y, file_sr, sr, quality="HQ")
-    return np.ascontiguousarray(y, dtype=np.float32)
+    return y, int(rate)
 
 
-def _decode_ffmpeg(path: str, sr: int) -> np.ndarray:
+def _resample(y: np.ndarray, rate: int, sr: int) -> Optional[np.ndarray]:
+    """soxr HQ resampling (as librosa.load does) of ``[N]`` or ``[N, C]``; None without soxr."""
+    if rate == sr:
+        return y
+    try:
+        import soxr
+    except ImportError:  # pragma: no cover - soxr is a dependency
+        return None
+    return soxr.resample(y, rate, sr, quality="HQ")
+
+
+def _decode_soundfile(path: str, sr: int) -> Optional[np.ndarray]:
+    """libsndfile decode (+ soxr HQ resampling, as librosa.load does) to mono; None if unsupported."""
+    read = _read_soundfile(path)
+    if read is None:
+        return None
+    y = _resample(_to_mono(read[0]), read[1], sr)
+    return None if y is None else np.ascontiguousarray(y, dtype=np.float32)
+
+
+def _decode_ffmpeg(path: str, sr: Optional[int] = None,
+                   max_channels: Optional[int] = None) -> tuple[np.ndarray, int]:
+    """ffmpeg decode of the first audio stream: ``([N, C] float32, rate)``.
+
+    ``rate`` is ``sr``, or with None the stream's own rate as :func:`soundtrack_rate` maps it. ``C`` is the
+    stream's channel count, at most ``max_channels`` (ffmpeg downmixes by the stream's channel layout).
+    The samples go through an unnamed temporary file, so the decoded audio is held in memory once.
+    """
     info = probe_audio(path)
     channels = info.channels or 1
+    if max_channels is not None:
+        channels = min(channels, max_channels)
+    rate = sr if sr is not None else soundtrack_rate(info.sample_rate or 48000)
     cmd = [_tool("ffmpeg"), "-nostdin", "-v", "error", "-i", path, "-map", "0:a:0", "-vn", "-sn", "-dn",
-           "-ac", str(channels), "-ar", str(sr), "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1"]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=_DECODE_TIMEOUT_S)
-    if proc.returncode != 0:
-        msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        logger.debug("ffmpeg failed on %s: %s", path, msg[-1:] if msg else "")
-        raise InputError(f"cannot decode the audio of {_display(path)}")
-    y = np.frombuffer(proc.stdout, dtype="<f4")
+           "-ac", str(channels), "-ar", str(rate), "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1"]
+    with tempfile.TemporaryFile() as out:
+        try:
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, timeout=_DECODE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # run() has killed and reaped ffmpeg
+            raise InputError(f"the audio of {_display(path)} could not be decoded within "
+                             f"{_DECODE_TIMEOUT_S} s") from None
+        if proc.returncode != 0:
+            msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            logger.debug("ffmpeg failed on %s: %s", path, msg[-1:] if msg else "")
+            raise InputError(f"cannot decode the audio of {_display(path)}")
+        out.seek(0)
+        y = np.fromfile(out, dtype="<f4")
     usable = (y.size // channels) * channels
-    y = y[:usable].reshape(-1, channels)
-    return np.ascontiguousarray(_to_mono(y), dtype=np.float32)
+    return y[:usable].reshape(-1, channels).astype(np.float32, copy=False), rate
+
+
+def _check_file(path: PathLike) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"audio file {_display(path)} does not exist")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"audio file {_display(path)} is empty")
+    return path
+
+
+def _check_samples(path: str, y: np.ndarray) -> None:
+    if y.size == 0:
+        raise InputError(f"audio file {_display(path)} contains no samples")
+    if not np.isfinite(y).all():
+        raise InputError(f"audio file {_display(path)} contains NaN or infinite samples")
 
 
 def decode_audio(path: PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
@@ -167,19 +230,48 @@ def decode_audio(path: PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     Raises:
         InputError: missing file, no audio stream, undecodable, empty, or non-finite samples.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InputError(f"audio file {_display(path)} does not exist")
-    if os.path.getsize(path) == 0:
-        raise InputError(f"audio file {_display(path)} is empty")
+    path = _check_file(path)
     y = _decode_soundfile(path, sr)
     if y is None:
-        y = _decode_ffmpeg(path, sr)
-    if y.size == 0:
-        raise InputError(f"audio file {_display(path)} contains no samples")
-    if not np.isfinite(y).all():
-        raise InputError(f"audio file {_display(path)} contains NaN or infinite samples")
+        y = np.ascontiguousarray(_to_mono(_decode_ffmpeg(path, sr)[0]), dtype=np.float32)
+    _check_samples(path, y)
     return y
+
+
+def soundtrack_rate(rate: int) -> int:
+    """The output's sample rate for a source at ``rate`` Hz: ``rate`` itself when AAC takes it
+    (:data:`AAC_SAMPLE_RATES`), else the next higher rate AAC takes, at most 96 kHz."""
+    for candidate in AAC_SAMPLE_RATES:
+        if candidate >= rate:
+            return candidate
+    return AAC_SAMPLE_RATES[-1]
+
+
+def _decode_soundfile_native(path: str) -> Optional[tuple[np.ndarray, int]]:
+    """libsndfile decode at the file's own rate (or :func:`soundtrack_rate`'s, soxr HQ), all channels;
+    None if unsupported or the file has more than :data:`SOUNDTRACK_MAX_CHANNELS` channels."""
+    read = _read_soundfile(path, max_channels=SOUNDTRACK_MAX_CHANNELS)
+    if read is None:
+        return None
+    sr = soundtrack_rate(read[1])
+    y = _resample(read[0], read[1], sr)
+    return None if y is None else (np.ascontiguousarray(y, dtype=np.float32), sr)
+
+
+def decode_audio_native(path: PathLike) -> tuple[np.ndarray, int]:
+    """Decode speech as it is, for the soundtrack: ``([N, C] float32, rate)``, no loudness change.
+
+    The rate is the file's own when AAC can carry it, else :func:`soundtrack_rate`'s (soxr HQ). One or
+    two channels are kept as they are; more are downmixed to stereo by ffmpeg with its standard matrix
+    for the stream's channel layout (the layout ffmpeg assumes for the count when the file names none).
+    Same readers, checks and messages as :func:`decode_audio`, and the same start: the 16 kHz copy and
+    this one line up sample for sample (both readers resample without delay).
+    """
+    path = _check_file(path)
+    decoded = _decode_soundfile_native(path)
+    y, rate = decoded if decoded is not None else _decode_ffmpeg(path, None, SOUNDTRACK_MAX_CHANNELS)
+    _check_samples(path, y)
+    return y, rate
 
 
 def loudness_normalize(wav: np.ndarray, sr: int = SAMPLE_RATE, target_lufs: float = -23.0) -> np.ndarray:
@@ -245,6 +337,92 @@ def combine_speakers(
     else:
         raise InputError(f"audio_type must be 'para' or 'add', got {audio_type!r}")
     return s1, s2, (s1 + s2).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- the output's soundtrack
+def write_soundtrack(path: PathLike, duration: float, speech: PathLike, speech_2: Optional[PathLike] = None,
+                     audio_type: str = "para", switch: Optional[float] = None) -> Path:
+    """Write the video's soundtrack: the speech as given, at its own rate and channels, ``duration`` s long.
+
+    The model hears a 16 kHz mono, loudness-normalised copy (:func:`load_speech`); the soundtrack is
+    decoded again from the files (:func:`decode_audio_native`) and keeps their quality:
+
+    * one speaker: the decoded speech, unchanged (no loudness normalisation, no limiting);
+    * two speakers: the track has speaker 1's rate and channels. Speaker 2 is resampled to that rate
+      (soxr HQ); it keeps its channels when it has as many as speaker 1, else its mean over channels goes
+      into every channel (stereo into mono: (L+R)/2; mono into stereo: the same signal left and right).
+      ``para``: both start at 0 and are summed; only when the sum's peak exceeds full scale (1.0) is the
+      whole mix scaled down by ``1 / peak`` so it cannot clip; nothing else changes its level.
+      ``add``: speaker 1 until ``switch`` seconds, then speaker 2 (no level change). ``switch`` is the
+      16 kHz track's switch point (speaker 1's length there), so lips and sound change speaker at the
+      same sample; None uses speaker 1's length at its own rate.
+    * Cut at ``duration`` (the video's length), or padded with silence to it.
+
+    The file is 32-bit float WAV (RF64 beyond 4 GB): lossless for any source, also float sources beyond
+    full scale. It is mixed and written in blocks, so the decoded speakers are the only full-length arrays
+    in memory (one float32 copy each; a resampled speaker 2 briefly has two).
+
+    Raises:
+        InputError: what :func:`decode_audio_native` raises, or an unknown ``audio_type``.
+    """
+    if audio_type not in ("para", "add"):
+        raise InputError(f"audio_type must be 'para' or 'add', got {audio_type!r}")
+    if not duration > 0:
+        raise ValueError(f"duration must be positive, got {duration!r}")
+    y1, rate = decode_audio_native(speech)
+    channels = y1.shape[1]
+    parts = [(y1, 0)]
+    gain = 1.0
+    if speech_2 is not None:
+        y2, rate_2 = decode_audio_native(speech_2)
+        y2 = _conform(y2, rate_2, rate, channels)
+        start = 0
+        if audio_type == "add":
+            start = len(y1) if switch is None else int(round(switch * rate))
+            parts = [(y1[:start], 0)]
+        parts.append((y2, start))
+    total = max(1, int(round(duration * rate)))
+    if speech_2 is not None and audio_type == "para":
+        peak = max(float(np.abs(_mix_block(parts, a, min(total, a + _SOUNDTRACK_BLOCK), channels)).max())
+                   for a in range(0, total, _SOUNDTRACK_BLOCK))
+        gain = 1.0 / peak if peak > 1.0 else 1.0
+    _write_blocks(Path(path), parts, total, channels, rate, gain)
+    logger.info("soundtrack: %d Hz, %d channel(s), %.2f s%s", rate, channels, total / rate,
+                f", mix scaled by {gain:.3f} to stay below full scale" if gain != 1.0 else "")
+    return Path(path)
+
+
+def _conform(y: np.ndarray, rate: int, to_rate: int, channels: int) -> np.ndarray:
+    """Speaker 2 in speaker 1's layout: mean over channels unless the counts match (mono is then spread
+    over the channels when mixing), resampled to ``to_rate``."""
+    if y.shape[1] not in (1, channels):
+        y = y.mean(axis=1, keepdims=True, dtype=np.float32)
+    resampled = _resample(y, rate, to_rate)
+    if resampled is None:  # pragma: no cover - soxr is a dependency
+        raise RuntimeError("soxr is needed to mix speakers of different sample rates")
+    return np.asarray(resampled, dtype=np.float32).reshape(-1, y.shape[1])
+
+
+def _mix_block(parts: Sequence[tuple[np.ndarray, int]], a: int, b: int, channels: int) -> np.ndarray:
+    """Frames ``[a, b)`` of the sum of ``(samples [N, C or 1], start frame)`` parts, silence elsewhere."""
+    block = np.zeros((b - a, channels), dtype=np.float32)
+    for y, start in parts:
+        lo, hi = max(a, start), min(b, start + len(y))
+        if hi > lo:
+            block[lo - a:hi - a] += y[lo - start:hi - start]
+    return block
+
+
+def _write_blocks(path: Path, parts, total: int, channels: int, rate: int, gain: float) -> None:
+    import soundfile as sf
+
+    fmt = "WAV" if total * channels * 4 <= _WAV_MAX_BYTES else "RF64"
+    with sf.SoundFile(str(path), "w", samplerate=rate, channels=channels, subtype="FLOAT", format=fmt) as out:
+        for a in range(0, total, _SOUNDTRACK_BLOCK):
+            block = _mix_block(parts, a, min(total, a + _SOUNDTRACK_BLOCK), channels)
+            if gain != 1.0:
+                block *= np.float32(gain)
+            out.write(block)
 
 
 # --------------------------------------------------------------------------- windows / padding

@@ -8,7 +8,9 @@ Limits (stated in the predictor's input descriptions):
 * video (V2V): a decodable first frame, at least the same minimum side, at most
   :data:`MAX_VIDEO_SECONDS` long;
 * audio: an audio stream with finite samples (NaN/inf rejected), at least one video frame (40 ms)
-  long; any channel count and sample rate; silence is accepted;
+  long; any channel count and sample rate; silence is accepted. The model gets :func:`load_audio`'s
+  16 kHz mono copy; the output's soundtrack is decoded again as given (``audio.write_soundtrack``,
+  same readers, limits and messages);
 * two-speaker boxes: inside the reference image.
 
 Messages of the media/audio readers name the *file* (what a command-line user wants). Cog hands

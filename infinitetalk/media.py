@@ -60,7 +60,9 @@ DEFAULT_MIN_SIDE = 64
 DEFAULT_CRF = 18
 #: Default x264 preset.
 DEFAULT_PRESET = "medium"
-#: Default AAC bitrate of the muxed audio.
+#: Default AAC bitrate of the muxed audio, for the whole track (the pipeline's soundtrack is mono or stereo).
+#: At low sample rates ffmpeg's encoder lowers it to AAC's ceiling of 6144 bits per channel per 1024-sample
+#: frame (e.g. 48 kb/s per channel at 8 kHz).
 DEFAULT_AUDIO_BITRATE = "192k"
 #: Seconds ffprobe may take before the input is declared unreadable.
 PROBE_TIMEOUT_S = 60.0
@@ -625,6 +627,8 @@ class VideoWriter:
 
     ``audio_path`` should already be trimmed to ``num_frames / fps``; the
     output is additionally cut with ``-shortest`` and, if given, ``-t duration``.
+    Its sample rate and channels are kept (the rate must be one AAC takes:
+    ``infinitetalk.audio.AAC_SAMPLE_RATES``); any PCM or float WAV works.
     """
 
     def __init__(

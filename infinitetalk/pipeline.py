@@ -355,15 +355,13 @@ class InfiniteTalkPipeline:
         """Everything fixed for the whole video: reference and size, audio features and the chunk
         plan, the seed, the speaker weights and masks, the text/CLIP/first-frame conditioning and the
         soundtrack. Input files are read (and refused) here, before any denoising."""
-        from . import media
-
         timings: dict = {}
         _info, reader, first = inputs.load_reference(req.image, "image")  # limits and messages: inputs.py
         try:
             inputs.check_boxes(req.bboxes, *first.size)
             height, width = self._output_size(req, first.size)
             t0 = time.perf_counter()
-            embeddings, mixed = self._audio_features(req)
+            embeddings, audio_seconds, switch = self._audio_features(req)
             timings["audio"] = time.perf_counter() - t0
             plan = _plan(req, embeddings[-1].shape[0])
             seed = choose_seed(req.seed)
@@ -377,8 +375,11 @@ class InfiniteTalkPipeline:
             negative = self._prompt_states(req.negative_prompt if req.negative_prompt is not None
                                            else DEFAULT_NEGATIVE_PROMPT)
             timings["conditioning"] = time.perf_counter() - t0
-            samples = int(round(plan.final_frame_count / FPS * audio_lib.SAMPLE_RATE))
-            soundtrack = media.write_wav(tmp / "audio.wav", mixed[:samples], audio_lib.SAMPLE_RATE)
+            # The speech as given (rate, channels, level), timed as the model's 16 kHz track; on disk, not in the job.
+            t0 = time.perf_counter()
+            soundtrack = audio_lib.write_soundtrack(tmp / "soundtrack.wav", plan.final_frame_count / FPS, req.audio,
+                                                    req.audio_2, req.audio_mode, switch)
+            timings["soundtrack"] = time.perf_counter() - t0
         except BaseException:
             if reader is not None:
                 reader.close()
@@ -387,8 +388,8 @@ class InfiniteTalkPipeline:
                     plan.final_frame_count / FPS, width, height, plan.num_chunks, seed)
         return _Job(req, width, height, plan, seed, torch.Generator("cpu").manual_seed(seed),
                     get_timesteps(int(req.steps), req.shift), embeddings, torch.arange(embeddings[0].shape[0]),
-                    reference, reader, clip, y, prompt, negative, ref_masks, soundtrack,
-                    len(mixed) / audio_lib.SAMPLE_RATE, timings=timings)
+                    reference, reader, clip, y, prompt, negative, ref_masks, soundtrack, audio_seconds,
+                    timings=timings)
 
     def _output_size(self, req: GenerationRequest, source_size: tuple[int, int]) -> tuple[int, int]:
         """``(height, width)``: the explicit size, or the official bucket of the source's aspect ratio."""
@@ -399,14 +400,17 @@ class InfiniteTalkPipeline:
             check_token_split(height, width, LATENT_FRAMES, self.parallel.world_size)
         return height, width
 
-    def _audio_features(self, req: GenerationRequest) -> tuple[list[torch.Tensor], np.ndarray]:
-        """wav2vec2 features per speaker (``[T, layers, hidden]``, CPU float32) and the mixed 16 kHz track."""
+    def _audio_features(self, req: GenerationRequest) -> tuple[list[torch.Tensor], float, float | None]:
+        """wav2vec2 features per speaker (``[T, layers, hidden]``, CPU float32), the seconds of the 16 kHz
+        track they come from and, for ``add``, where speaker 2 starts in it (the soundtrack's switch point)."""
         wav1 = inputs.load_audio(req.audio, "audio")
         if req.speakers == 1:
-            return [self.audio_encoder.encode(wav1)], wav1
+            return [self.audio_encoder.encode(wav1)], len(wav1) / audio_lib.SAMPLE_RATE, None
         wav2 = inputs.load_audio(req.audio_2, "audio_2")
         w1, w2, mixed = audio_lib.combine_speakers(wav1, wav2, req.audio_mode)
-        return [self.audio_encoder.encode(w1), self.audio_encoder.encode(w2)], mixed
+        switch = len(wav1) / audio_lib.SAMPLE_RATE if req.audio_mode == "add" else None
+        features = [self.audio_encoder.encode(w1), self.audio_encoder.encode(w2)]
+        return features, len(mixed) / audio_lib.SAMPLE_RATE, switch
 
     def _speakers(self, req: GenerationRequest, source_size: tuple[int, int], size: tuple[int, int]):
         """The checkpoint for the speaker count; for two speakers their masks at latent resolution."""
@@ -536,7 +540,7 @@ class _Job:
     prompt: torch.Tensor
     negative: torch.Tensor
     ref_masks: torch.Tensor | None  # two speakers: class masks at latent resolution
-    soundtrack: Path
+    soundtrack: Path  # the output's audio file (audio.write_soundtrack); the samples are not kept
     audio_seconds: float
     frames_done: int = 0
     timings: dict = field(default_factory=dict)

@@ -153,8 +153,8 @@ class _Bench:
         Image.fromarray(portrait).save(self.image)
         self.seconds = (81 + 72) / VIDEO_FPS  # exactly 2 chunks
         audio_lib.load_speech = lambda path, *a, **k: _speech_like(self.seconds)  # no decoder libs needed
-        self.speech = self.tmp / "speech.wav"
-        self.speech.write_bytes(b"")
+        self.speech = self.tmp / "speech.wav"  # a real file: the soundtrack is decoded from it (soundfile)
+        media.write_wav(self.speech, _speech_like(self.seconds), 16000)
 
     def _tiny_pipeline(self):
         """The tiny weights on the CPU, loaded as the servers load (this rank's share under torchrun)."""

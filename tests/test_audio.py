@@ -4,25 +4,35 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 import torch
 
+from decoding import ffprobe_streams  # tests/ is on sys.path for test modules
+from infinitetalk import audio as audio_mod
 from infinitetalk.audio import (
+    AAC_SAMPLE_RATES,
+    SAMPLE_RATE,
     Wav2Vec2FeatureEncoder,
     audio_window_indices,
     combine_speakers,
     decode_audio,
+    decode_audio_native,
     gather_windows,
     loudness_normalize,
     num_video_frames,
     pad_audio_end,
     probe_audio,
+    soundtrack_rate,
+    write_soundtrack,
 )
 from infinitetalk.errors import InputError
+from infinitetalk.media import VideoWriter
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
 SPEECH = GOLDEN / "speech_16k.wav"
@@ -280,3 +290,217 @@ def test_encoder_deterministic_and_windowed_cnn_matches(encoder):
 def test_encoder_rejects_too_short(encoder):
     with pytest.raises(InputError):
         encoder.encode(np.zeros(500, dtype=np.float32))
+
+
+# ----------------------------------------------------------------------------- the output's soundtrack
+def _voice(make_speech, seconds: float, rate: int, name: str = "native") -> np.ndarray:
+    """Real speech (espeak-ng) resampled to ``rate``, peak 0.5: float32 ``[N]``."""
+    y, sr = sf.read(str(make_speech(seconds, name)), dtype="float32")
+    y = soxr.resample(y, sr, rate, quality="HQ") if sr != rate else y
+    return (0.5 * y / np.abs(y).max()).astype(np.float32)
+
+
+def _stereo(make_speech, seconds: float, rate: int) -> np.ndarray:
+    """Two different channels: the speech left, the speech backwards (at a lower level) right."""
+    left = _voice(make_speech, seconds, rate)
+    return np.stack([left, 0.6 * left[::-1]], axis=1)
+
+
+def _lag(a: np.ndarray, b: np.ndarray, max_lag: int = 40) -> int:
+    """Lag (samples) of ``a`` against ``b`` with the best correlation."""
+    n = min(len(a), len(b)) - 2 * max_lag
+    scores = [float(np.dot(a[max_lag + lag: max_lag + lag + n], b[max_lag: max_lag + n]))
+              for lag in range(-max_lag, max_lag + 1)]
+    return int(np.argmax(scores)) - max_lag
+
+
+def test_soundtrack_rates_are_aac_rates():
+    for rate in AAC_SAMPLE_RATES:
+        assert soundtrack_rate(rate) == rate
+    assert soundtrack_rate(47999) == 48000 and soundtrack_rate(50000) == 64000
+    assert soundtrack_rate(192000) == 96000 and soundtrack_rate(4000) == 7350
+
+
+def test_native_decode_keeps_rate_channels_and_samples(make_speech, tmp_path):
+    stereo = _stereo(make_speech, 1.5, 48000)
+    path = tmp_path / "stereo48k.wav"
+    sf.write(str(path), stereo, 48000, subtype="FLOAT")
+    y, rate = decode_audio_native(path)
+    assert rate == 48000 and y.shape == stereo.shape and y.dtype == np.float32
+    assert np.array_equal(y, stereo)  # as given: no loudness normalisation, no resampling
+    # The model's copy of the same file is 16 kHz mono and normalised.
+    assert decode_audio(path).shape == (24000,)
+
+    hi = tmp_path / "mono192k.wav"
+    sf.write(str(hi), _voice(make_speech, 1.0, 192000), 192000, subtype="PCM_24")
+    y, rate = decode_audio_native(hi)
+    assert rate == 96000 and y.shape == (96000, 1)  # above what AAC takes: 96 kHz (soxr)
+
+
+@needs_ffmpeg
+def test_native_decode_through_ffmpeg(make_speech, tmp_path):
+    wav = tmp_path / "mono44k.wav"
+    sf.write(str(wav), _voice(make_speech, 1.5, 44100), 44100)
+    mp3 = tmp_path / "speech.mp3"
+    _ffmpeg("-i", str(wav), "-c:a", "libmp3lame", "-b:a", "128k", str(mp3))
+    y, rate = decode_audio_native(mp3)
+    assert rate == 44100 and y.shape[1] == 1
+    opus = tmp_path / "stereo.opus"
+    sf.write(str(tmp_path / "st.wav"), _stereo(make_speech, 1.5, 48000), 48000)
+    _ffmpeg("-i", str(tmp_path / "st.wav"), "-c:a", "libopus", "-b:a", "128k", str(opus))
+    y, rate = decode_audio_native(opus)
+    assert rate == 48000 and y.shape[1] == 2
+    assert not np.allclose(y[:, 0], y[:, 1], atol=0.05)
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("fmt", ["wav", "mp3", "m4a"])
+def test_native_and_model_copies_start_together(make_speech, tmp_path, fmt):
+    """Same start and length (within one 16 kHz sample) as the 16 kHz copy, through either reader."""
+    wav = tmp_path / "s.wav"
+    sf.write(str(wav), _stereo(make_speech, 2.0, 44100), 44100)
+    path = wav
+    if fmt != "wav":
+        path = tmp_path / f"s.{fmt}"
+        _ffmpeg("-i", str(wav), "-b:a", "192k", str(path))
+    y, rate = decode_audio_native(path)
+    model = decode_audio(path)
+    back = soxr.resample(y.mean(axis=1), rate, SAMPLE_RATE, quality="HQ")
+    assert abs(len(back) - len(model)) <= 1
+    assert _lag(back, model) == 0
+    n = min(len(back), len(model))
+    corr = np.dot(back[:n], model[:n]) / (np.linalg.norm(back[:n]) * np.linalg.norm(model[:n]))
+    assert corr > 0.999, corr  # the same signal (ffmpeg's resampler differs slightly from soxr)
+
+
+@needs_ffmpeg
+def test_native_decode_more_channels_become_stereo(make_speech, tmp_path):
+    voice = _voice(make_speech, 1.0, 48000)
+    six = np.zeros((len(voice), 6), np.float32)  # 5.1: FL FR FC LFE BL BR
+    six[:, 0] = voice  # front left only
+    path = tmp_path / "surround.wav"
+    sf.write(str(path), six, 48000, subtype="PCM_24")
+    y, rate = decode_audio_native(path)
+    assert rate == 48000 and y.shape == (len(voice), 2)
+    assert np.abs(y[:, 0]).max() > 0.2 and np.abs(y[:, 1]).max() < 1e-3  # stays on the left
+    six[:, 0], six[:, 2] = 0.0, voice  # centre only: both sides alike
+    sf.write(str(path), six, 48000, subtype="PCM_24")
+    y, _ = decode_audio_native(path)
+    np.testing.assert_allclose(y[:, 0], y[:, 1], atol=1e-6)
+    assert np.abs(y[:, 0]).max() > 0.1
+
+
+@needs_ffmpeg
+def test_native_decode_refuses_what_decode_audio_refuses(tmp_path):
+    nan = np.zeros(16000, np.float32)
+    nan[100] = np.nan
+    sf.write(str(tmp_path / "nan.wav"), nan, 16000, subtype="FLOAT")
+    (tmp_path / "text.wav").write_text("not audio at all\n" * 50)
+    (tmp_path / "empty.wav").write_bytes(b"")
+    _ffmpeg("-f", "lavfi", "-i", "color=c=gray:s=32x32:r=25:d=1", "-c:v", "mpeg4", str(tmp_path / "silent.mp4"))
+    for name in ("nan.wav", "text.wav", "empty.wav", "silent.mp4", "missing.wav"):
+        with pytest.raises(InputError) as expected:
+            decode_audio(tmp_path / name)
+        with pytest.raises(InputError) as got:
+            decode_audio_native(tmp_path / name)
+        assert str(got.value) == str(expected.value)
+
+
+def test_soundtrack_one_speaker_is_the_input_cut_or_padded(make_speech, tmp_path):
+    stereo = 0.1 * _stereo(make_speech, 1.5, 48000)  # quiet: it stays quiet (no loudness normalisation)
+    src = tmp_path / "in.wav"
+    sf.write(str(src), stereo, 48000, subtype="FLOAT")
+    for seconds in (1.0, 2.0):
+        out = write_soundtrack(tmp_path / "track.wav", seconds, src)
+        y, rate = sf.read(str(out), dtype="float32", always_2d=True)
+        assert rate == 48000 and y.shape == (int(seconds * 48000), 2) and sf.info(str(out)).subtype == "FLOAT"
+        n = min(len(y), len(stereo))
+        assert np.array_equal(y[:n], stereo[:n])
+        assert not y[n:].any()  # padded with silence up to the video's length
+
+
+def test_soundtrack_para_mixes_in_speaker_1_layout_without_clipping(make_speech, tmp_path):
+    one = _stereo(make_speech, 1.5, 48000)
+    two = _voice(make_speech, 1.0, 16000, "other")[::-1].copy()
+    sf.write(str(tmp_path / "one.wav"), one, 48000, subtype="FLOAT")
+    sf.write(str(tmp_path / "two.wav"), two, 16000, subtype="FLOAT")
+    out = write_soundtrack(tmp_path / "mix.wav", 1.5, tmp_path / "one.wav", tmp_path / "two.wav", "para")
+    y, rate = sf.read(str(out), dtype="float32", always_2d=True)
+    assert rate == 48000 and y.shape == one.shape
+    up = soxr.resample(two, 16000, 48000, quality="HQ")
+    expected = one.copy()
+    expected[: len(up)] += up[:, None]  # mono speaker 2 in both channels, from t = 0
+    assert np.abs(expected).max() < 1.0
+    np.testing.assert_allclose(y, expected, atol=1e-6)  # under full scale: the plain sum
+
+    loud = tmp_path / "loud.wav"
+    sf.write(str(loud), 3.0 * one, 48000, subtype="FLOAT")  # peaks at 1.5: the sum would clip
+    out = write_soundtrack(tmp_path / "mix.wav", 1.5, loud, tmp_path / "two.wav", "para")
+    y, _ = sf.read(str(out), dtype="float32", always_2d=True)
+    expected = 3.0 * one
+    expected[: len(up)] += up[:, None]
+    peak = np.abs(expected).max()
+    assert peak > 1.0 and np.abs(y).max() == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(y, expected / peak, atol=1e-6)  # scaled as a whole, nothing else
+
+
+def test_soundtrack_stereo_speaker_2_into_mono_speaker_1(make_speech, tmp_path):
+    one = 0.5 * _voice(make_speech, 1.0, 44100)
+    two = 0.5 * _stereo(make_speech, 1.0, 44100)
+    sf.write(str(tmp_path / "one.wav"), one, 44100, subtype="FLOAT")
+    sf.write(str(tmp_path / "two.wav"), two, 44100, subtype="FLOAT")
+    out = write_soundtrack(tmp_path / "mix.wav", 1.0, tmp_path / "one.wav", tmp_path / "two.wav", "para")
+    y, rate = sf.read(str(out), dtype="float32", always_2d=True)
+    assert rate == 44100 and y.shape == (44100, 1)
+    np.testing.assert_allclose(y[:, 0], one + two.mean(axis=1), atol=1e-6)
+
+
+def test_soundtrack_add_switches_where_the_model_track_does(make_speech, tmp_path):
+    one = _stereo(make_speech, 1.0, 48000)
+    two = _voice(make_speech, 0.8, 22050, "other")
+    sf.write(str(tmp_path / "one.wav"), one, 48000, subtype="FLOAT")
+    sf.write(str(tmp_path / "two.wav"), two, 22050, subtype="FLOAT")
+    switch = 15999 / SAMPLE_RATE  # the 16 kHz track's speaker 1 length (one sample short of 1 s)
+    out = write_soundtrack(tmp_path / "add.wav", 2.0, tmp_path / "one.wav", tmp_path / "two.wav", "add", switch)
+    y, rate = sf.read(str(out), dtype="float32", always_2d=True)
+    start = round(switch * 48000)  # 47997
+    assert rate == 48000 and y.shape == (96000, 2)
+    assert np.array_equal(y[:start], one[:start])  # speaker 1 (cut at the switch), level unchanged
+    up = soxr.resample(two, 22050, 48000, quality="HQ")
+    np.testing.assert_allclose(y[start: start + len(up)], np.repeat(up[:, None], 2, 1), atol=1e-6)
+    assert not y[start + len(up):].any()
+    with pytest.raises(InputError, match="audio_type must be 'para' or 'add'"):
+        write_soundtrack(tmp_path / "x.wav", 1.0, tmp_path / "one.wav", tmp_path / "two.wav", "mix")
+
+
+def test_soundtrack_memory_is_one_copy_per_speaker(tmp_path):
+    rng = np.random.default_rng(0)
+    seconds = 30.0
+    one = (0.1 * rng.standard_normal((int(seconds * 48000), 2))).astype(np.float32)  # 11.5 MB as float32
+    two = (0.1 * rng.standard_normal(int(seconds * 16000))).astype(np.float32)  # 1.9 MB, 5.8 MB at 48 kHz
+    sf.write(str(tmp_path / "one.wav"), one, 48000, subtype="PCM_16")
+    sf.write(str(tmp_path / "two.wav"), two, 16000, subtype="PCM_16")
+    del one, two
+    tracemalloc.start()
+    try:
+        write_soundtrack(tmp_path / "mix.wav", seconds, tmp_path / "one.wav", tmp_path / "two.wav", "para")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Speaker 1, speaker 2 at 48 kHz and its 16 kHz source (soxr's output is not even traced), plus a few
+    # mixing blocks: a full-length mix (11.5 MB more) does not fit.
+    copies = seconds * 48000 * 2 * 4 + seconds * 48000 * 4 + seconds * 16000 * 4
+    assert peak < copies + 4e6, (peak, copies)
+
+
+@needs_ffmpeg
+def test_soundtrack_over_4_gb_is_rf64_and_muxes(make_speech, tmp_path, monkeypatch):
+    monkeypatch.setattr(audio_mod, "_WAV_MAX_BYTES", 0)  # every track "too big" for RIFF
+    sf.write(str(tmp_path / "in.wav"), _stereo(make_speech, 1.0, 48000), 48000)
+    out = audio_mod.write_soundtrack(tmp_path / "track.wav", 1.0, tmp_path / "in.wav")
+    assert out.read_bytes()[:4] == b"RF64"
+    video = tmp_path / "v.mp4"
+    with VideoWriter(video, 64, 64, audio_path=out, duration=1.0) as writer:
+        writer.write(np.zeros((25, 64, 64, 3), np.uint8))
+    a = ffprobe_streams(video)["audio"]
+    assert a["sample_rate"] == 48000 and a["channels"] == 2 and a["duration"] == pytest.approx(1.0, abs=0.04)

@@ -380,6 +380,22 @@ def test_video_writer_h264_aac(tmp_path: Path) -> None:
     assert head.find(b"moov") < head.find(b"mdat")
 
 
+@pytest.mark.parametrize(("rate", "channels"), [(48000, 2), (44100, 1), (96000, 2)])
+def test_video_writer_keeps_the_audio_rate_and_channels(tmp_path: Path, rate: int, channels: int) -> None:
+    """A float WAV is muxed at its own rate and channel count (no -ar/-ac), as long as the video."""
+    import soundfile as sf
+
+    t = np.arange(rate) / rate
+    wav = np.stack([0.3 * np.sin(2 * np.pi * (300 + 200 * c) * t) for c in range(channels)], axis=1)
+    sf.write(str(tmp_path / "a.wav"), wav.astype(np.float32), rate, subtype="FLOAT")
+    out = tmp_path / "out.mp4"
+    with VideoWriter(out, 64, 48, fps=25, audio_path=tmp_path / "a.wav", duration=1.0) as writer:
+        writer.write(_frames(25))
+    a = ffprobe_streams(out)["audio"]
+    assert (a["codec"], a["sample_rate"], a["channels"]) == ("aac", rate, channels)
+    assert a["duration"] == pytest.approx(1.0, abs=1 / 25)
+
+
 def test_video_writer_trims_long_audio(tmp_path: Path) -> None:
     wav = write_wav(tmp_path / "long.wav", np.zeros(16000 * 5, np.float32), 16000)
     out = tmp_path / "trim"

@@ -255,3 +255,154 @@ def test_bad_inputs_raise_input_error(pipe, portrait, speech5, tmp_path):
     with pytest.raises(InputError, match=r"does not exist"):
         pipe.generate(request(portrait, tmp_path / "missing.wav"), out, show_progress=False)
     assert not out.exists() and not list(tmp_path.glob(".*partial"))
+
+
+# --------------------------------------------------------------------------- 9. soundtrack: the input's quality
+
+
+def voice(make_speech, seconds: float, rate: int, name: str, peak: float = 0.4) -> np.ndarray:
+    """Real speech resampled to ``rate`` (soxr), scaled to ``peak``: float32 ``[N]``."""
+    import soxr
+
+    y, sr = sf.read(str(make_speech(seconds, name)), dtype="float32")
+    y = soxr.resample(y, sr, rate, quality="HQ") if sr != rate else y
+    return (peak * y / np.abs(y).max()).astype(np.float32)
+
+
+def output_audio(path: Path) -> tuple[np.ndarray, int]:
+    """The MP4's audio stream decoded by ffmpeg: float32 ``[N, channels]`` and its rate."""
+    a = ffprobe_streams(path)["audio"]
+    raw = subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:a:0",
+                          "-f", "f32le", "-acodec", "pcm_f32le", "pipe:1"], capture_output=True, check=True).stdout
+    return np.frombuffer(raw, "<f4").reshape(-1, a["channels"]), a["sample_rate"]
+
+
+def placed(signal: np.ndarray, start: int, n: int) -> np.ndarray:
+    """``signal`` starting at sample ``start`` of ``n`` samples of silence (cut at ``n``)."""
+    out = np.zeros(n, np.float32)
+    part = signal[: max(0, n - start)]
+    out[start: start + len(part)] = part
+    return out
+
+
+def fit(y: np.ndarray, *refs: np.ndarray) -> tuple[np.ndarray, float]:
+    """Least-squares weights of ``refs`` that make ``y``, and the residual's energy relative to ``y``'s."""
+    a = np.stack(refs, axis=1).astype(np.float64)
+    w, *_ = np.linalg.lstsq(a, y.astype(np.float64), rcond=None)
+    return w, float(np.sum((a @ w - y) ** 2) / np.sum(y.astype(np.float64) ** 2))
+
+
+def check_soundtrack(out: Path, result, rate: int, channels: int) -> np.ndarray:
+    """AAC at ``rate`` Hz with ``channels`` channels, as long as the video within one frame; its samples
+    over the video's length."""
+    info = ffprobe_streams(out)
+    a, v = info["audio"], info["video"]
+    assert (a["codec"], a["sample_rate"], a["channels"]) == ("aac", rate, channels), a
+    assert abs(a["duration"] - v["duration"]) <= FRAME, info
+    y, got = output_audio(out)
+    n = result.num_frames * rate // FPS
+    assert got == rate and len(y) >= n
+    return y[:n]
+
+
+def test_soundtrack_keeps_48k_stereo_at_its_level(pipe, portrait, make_speech, tmp_path):
+    left = voice(make_speech, 2.0, 48000, "stereo", peak=0.1)  # quiet: the model's copy is normalised, this is not
+    stereo = np.stack([left, 0.6 * left[::-1]], axis=1)  # two different channels
+    src = tmp_path / "stereo48k.flac"
+    sf.write(str(src), stereo, 48000)
+    out = tmp_path / "stereo.mp4"
+    result = pipe.generate(request(portrait, src, steps=1), out, show_progress=False)
+    check_mp4(out, 2.0)
+    y = check_soundtrack(out, result, 48000, 2)
+    assert np.abs(y[:, 0] - y[:, 1]).max() > 0.05  # left and right stay distinct
+    n = len(y)
+    for c in range(2):  # each channel is its own input channel, at its own level, at the same time
+        w, residual = fit(y[:, c], stereo[:n, 0], stereo[:n, 1])
+        assert w[c] == pytest.approx(1.0, abs=0.05) and abs(w[1 - c]) < 0.05 and residual < 0.05, (c, w, residual)
+
+
+def test_soundtrack_keeps_44k_mono(pipe, portrait, make_speech, tmp_path):
+    wav = tmp_path / "mono44k.wav"
+    mono = voice(make_speech, 1.6, 44100, "mono")
+    sf.write(str(wav), mono, 44100)
+    src = tmp_path / "mono44k.mp3"  # decoded by ffmpeg
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(wav), "-c:a", "libmp3lame",
+                    "-b:a", "192k", str(src)], check=True)
+    out = tmp_path / "mono.mp4"
+    result = pipe.generate(request(portrait, src, steps=1), out, show_progress=False)
+    check_mp4(out, 1.6)
+    y = check_soundtrack(out, result, 44100, 1)
+    w, residual = fit(y[:, 0], mono[: len(y)])
+    assert w[0] == pytest.approx(1.0, abs=0.05) and residual < 0.05, (w, residual)
+
+
+@pytest.fixture(scope="module")
+def two_voices(make_speech, tmp_path_factory) -> tuple[Path, np.ndarray, Path, np.ndarray]:
+    """Speaker 1: 48 kHz stereo FLAC, 2 s; speaker 2: 16 kHz mono WAV, 1.2 s (other content: backwards)."""
+    folder = tmp_path_factory.mktemp("voices")
+    left = voice(make_speech, 2.0, 48000, "voice1", peak=0.3)
+    one = np.stack([left, 0.5 * left], axis=1)
+    two = voice(make_speech, 1.2, 16000, "voice2", peak=0.3)[::-1].copy()
+    sf.write(str(folder / "one.flac"), one, 48000)
+    sf.write(str(folder / "two.wav"), two, 16000)
+    return folder / "one.flac", one, folder / "two.wav", two
+
+
+def test_soundtrack_para_mixes_both_speakers_at_48k_stereo(pipe, portrait, two_voices, tmp_path):
+    import soxr
+
+    path_1, one, path_2, two = two_voices
+    out = tmp_path / "para.mp4"
+    result = pipe.generate(request(portrait, path_1, audio_2=path_2, audio_mode="para", steps=1), out,
+                           show_progress=False)
+    check_mp4(out, 2.0)
+    y = check_soundtrack(out, result, 48000, 2)
+    n = len(y)
+    two_48k = placed(soxr.resample(two, 16000, 48000, quality="HQ"), 0, n)  # both from t = 0
+    for c in range(2):
+        w, residual = fit(y[:, c], one[:n, c], two_48k)
+        assert w == pytest.approx([1.0, 1.0], abs=0.05) and residual < 0.05, (c, w, residual)
+
+
+def test_soundtrack_add_plays_speaker_1_then_speaker_2(pipe, portrait, two_voices, tmp_path):
+    import soxr
+
+    path_1, one, path_2, two = two_voices
+    out = tmp_path / "add.mp4"
+    result = pipe.generate(request(portrait, path_1, audio_2=path_2, audio_mode="add", steps=1), out,
+                           show_progress=False)
+    check_mp4(out, 3.2)
+    y = check_soundtrack(out, result, 48000, 2)
+    n, switch = len(y), 2 * 48000  # the 16 kHz track switches after speaker 1's 2 s
+    two_48k = soxr.resample(two, 16000, 48000, quality="HQ")
+    for c in range(2):
+        w, residual = fit(y[:, c], placed(one[:, c], 0, n), placed(two_48k, switch, n))
+        assert w == pytest.approx([1.0, 1.0], abs=0.05) and residual < 0.05, (c, w, residual)
+    # Each half is one speaker alone, and speaker 2 starts on the sample where the lips switch.
+    for c in range(2):
+        w1, r1 = fit(y[:switch, c], one[:switch, c])
+        w2, r2 = fit(y[switch:, c], two_48k[: n - switch])
+        assert w1[0] == pytest.approx(1.0, abs=0.05) and r1 < 0.05, (w1, r1)
+        assert w2[0] == pytest.approx(1.0, abs=0.05) and r2 < 0.05, (w2, r2)
+    scores = [fit(y[:, 0], placed(two_48k, switch + lag, n))[0][0] for lag in range(-6, 7)]
+    assert int(np.argmax(scores)) - 6 == 0, scores
+
+
+def test_v2v_soundtrack_is_the_new_speech_not_the_source_audio(pipe, portrait, make_speech, tmp_path):
+    source = tmp_path / "with_sound.mp4"  # a 30 fps video with its own (tone) soundtrack
+    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-loop", "1", "-framerate", "30",
+                    "-i", str(portrait), "-f", "lavfi", "-i", "sine=frequency=1000:sample_rate=44100", "-t", "3",
+                    "-vf", "scale=96:96", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest",
+                    str(source)], check=True)
+    assert ffprobe_streams(source)["audio"] is not None
+    speech = voice(make_speech, 1.6, 44100, "dub")
+    src = tmp_path / "dub.wav"
+    sf.write(str(src), speech, 44100)
+    out = tmp_path / "dubbed.mp4"
+    result = pipe.generate(request(source, src, steps=1), out, show_progress=False)
+    check_mp4(out, 1.6)
+    y = check_soundtrack(out, result, 44100, 1)[:, 0]
+    tone = np.sin(2 * np.pi * 1000 * np.arange(len(y)) / 44100).astype(np.float32)
+    tone_q = np.cos(2 * np.pi * 1000 * np.arange(len(y)) / 44100).astype(np.float32)
+    w, residual = fit(y, speech[: len(y)], tone, tone_q)
+    assert w[0] == pytest.approx(1.0, abs=0.05) and np.hypot(w[1], w[2]) < 0.01 and residual < 0.05, (w, residual)
