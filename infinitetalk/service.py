@@ -197,6 +197,7 @@ def load_pipeline(settings: Settings | None = None, log: Callable[[str], None] =
     t0 = time.perf_counter()
     weights = ensure_weights(settings.weights, log=log)
     t_fetch = time.perf_counter() - t0
+    _quiet_loading_bars()
     pipe = build_pipeline(settings)
     timings = getattr(pipe, "load_timings", {})
     log(f"setup: loaded InfiniteTalk from {weights} on {placement(pipe)} in "
@@ -205,6 +206,23 @@ def load_pipeline(settings: Settings | None = None, log: Callable[[str], None] =
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     return pipe
+
+
+def _quiet_loading_bars() -> None:
+    """Off a terminal (Cog, RunPod), transformers' and diffusers' "Loading weights" bars would put
+    carriage returns into the setup logs, and they say nothing the timings of the setup line do not."""
+    import sys
+
+    try:
+        if sys.stderr is not None and sys.stderr.isatty():
+            return
+    except (AttributeError, ValueError, OSError):
+        pass
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 def configure_logging() -> None:

@@ -1,9 +1,10 @@
 """End to end through cog's own HTTP server (``python -m cog.server.http``, coglet), no Docker.
 
 One server for the module, on loopback, with the tiny weights. Covers: sync prediction with
-data-URL inputs and a data-URL MP4 output, schema validation (422), a failing input with a clear
-message, an async prediction cancelled mid-denoising (webhook ``completed`` with ``canceled``,
-no temp files left), and an async prediction after it that succeeds (webhook ``completed``).
+data-URL inputs and a data-URL MP4 output whose logs are plain lines (no carriage returns or
+terminal codes), schema validation (422), a failing input with a clear message, an async
+prediction cancelled mid-denoising (webhook ``completed`` with ``canceled``, no temp files left),
+and an async prediction after it that succeeds (webhook ``completed``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import base64
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +38,8 @@ PREDICT_TIMEOUT_S = 300.0
 #: twice (its predict_worker, then its PredictionError's Display) and the exception type's __qualname__
 #: (predict.py names its user-facing errors "invalid input" and "cannot generate"). Fixed: cannot be removed.
 COG_PREFIX = "Prediction failed: Prediction failed: "
+#: A carriage return or any ANSI/VT100 escape sequence (tqdm's bars move the cursor with ESC[A).
+TERMINAL_CODES = re.compile(r"\r|\x1b")
 
 
 def _request(method: str, url: str, body: dict | None = None, headers: dict | None = None,
@@ -210,6 +214,11 @@ def test_sync_prediction_returns_the_mp4(server, inputs, tmp_path):
     assert status == 200, body
     assert body["status"] == "succeeded", (body.get("error"), body.get("logs"), server.log_tail())
     assert "seed: 7" in body["logs"]
+    # Plain log lines, one per denoising step and per chunk: no tqdm bar (carriage returns, cursor codes).
+    assert not TERMINAL_CODES.search(body["logs"]), repr(body["logs"])
+    lines = body["logs"].splitlines()
+    assert "chunk 1/1, step 1/2" in lines and "chunk 1/1, step 2/2" in lines, lines
+    assert any(re.fullmatch(r"chunk 1/1 done: 1\.20 s of 1\.20 s video in \d+\.\d s", line) for line in lines), lines
     assert body["metrics"]["chunks"] == 1 and body["metrics"]["denoising_steps"] == 2
     assert body["metrics"]["video_seconds"] == pytest.approx(1.2)
     head, b64 = body["output"].split(",", 1)
@@ -221,6 +230,14 @@ def test_sync_prediction_returns_the_mp4(server, inputs, tmp_path):
     assert (info["video"]["width"], info["video"]["height"]) == (64, 64)
     assert info["video"]["fps"] == pytest.approx(25)
     assert abs(info["format_duration"] - 1.2) <= 0.04 + 1e-3
+
+
+def test_setup_logs_are_plain_lines_naming_the_device(server):
+    status, health = _request("GET", server.url + "/health-check")
+    assert status == 200 and health["setup"]["status"] == "succeeded", health
+    logs = health["setup"]["logs"]
+    assert not TERMINAL_CODES.search(logs), repr(logs)  # no "Loading weights" bars of transformers/diffusers
+    assert re.search(r"setup: loaded InfiniteTalk from \S+ on cpu \(torch\.float32\) in \d+\.\ds", logs), logs
 
 
 def test_schema_rejects_out_of_range_with_422(server, inputs):
@@ -259,8 +276,8 @@ def test_cancel_mid_denoising_then_next_prediction_succeeds(server, inputs, webh
                             headers={"Prefer": "respond-async"})
     assert status == 202, body
 
-    # Wait until denoising has started (tqdm's step bar is in the streamed logs), then cancel.
-    started, seen = webhook.wait_for("cancel-me", lambda ev: "/100 [" in (ev.get("logs") or "")
+    # Wait until denoising has started (a step's log line is in the streamed logs), then cancel.
+    started, seen = webhook.wait_for("cancel-me", lambda ev: "chunk 1/4, step 1/100" in (ev.get("logs") or "")
                                      and (ev.get("metrics") or {}).get("denoising_steps", 0) >= 1, PREDICT_TIMEOUT_S)
     assert started is not None, (seen[-1:] if seen else None, server.log_tail())
     status, busy = _request("POST", server.url + "/predictions", {"input": _tiny(inputs)})
@@ -279,7 +296,8 @@ def test_cancel_mid_denoising_then_next_prediction_succeeds(server, inputs, webh
     steps_done = int(done["metrics"]["denoising_steps"])
     assert steps_done - steps_seen <= 2 and steps_done < 100, (steps_seen, steps_done, elapsed)
     assert "chunks_done" not in done["metrics"], done["metrics"]
-    assert "/100 [" in done["logs"] and "done: " not in done["logs"]
+    assert "chunk 1/4, step 1/100" in done["logs"] and "done: " not in done["logs"]
+    assert not TERMINAL_CODES.search(done["logs"]), repr(done["logs"][-500:])
 
     # Nothing of the cancelled run is left: no pipeline temp folder, no partial MP4, no ffmpeg.
     deadline = time.monotonic() + 10
