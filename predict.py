@@ -14,6 +14,8 @@ from typing import Optional
 from cog import BaseRunner, Input, Path
 
 from infinitetalk import service
+from infinitetalk.errors import InputError
+from infinitetalk.pipeline import GenerationError
 from infinitetalk.service import MAX_SEED, MAX_VIDEO_SECONDS, parse_box, quality_to_crf  # noqa: F401  (public names)
 
 # `cog build` reads the inputs with a static parser: it resolves only literals and module-level
@@ -22,6 +24,24 @@ from infinitetalk.service import MAX_SEED, MAX_VIDEO_SECONDS, parse_box, quality
 # that they match infinitetalk.service.INPUTS (the rules every front end validates with).
 #: = infinitetalk.pipeline.DEFAULT_PROMPT (a literal here for the static schema parser).
 DEFAULT_PROMPT = "A person is talking naturally, looking at the camera."
+
+
+# cog 0.23 (coglet) turns an exception raised by run() into the prediction's error string as
+# "Prediction failed: Prediction failed: <type name>: <message>": both prefixes are coglet's (its
+# predict_worker formats the Python error with one, the Display of its PredictionError adds the
+# other) and the type name is the exception class's __qualname__ (PyO3's Display of a PyErr). Only
+# the type name is ours: a user's mistake reads "... invalid input: width and height must be given
+# together" rather than "... InputError: ...". The classes stay InputError / GenerationError.
+class InvalidInput(InputError):
+    """An input the prediction refuses; shown by cog as ``invalid input: <message>``."""
+
+
+class CannotGenerate(GenerationError):
+    """A failure that is not the input's (e.g. out of GPU memory); shown by cog as ``cannot generate: <message>``."""
+
+
+InvalidInput.__qualname__ = "invalid input"
+CannotGenerate.__qualname__ = "cannot generate"
 
 
 class Predictor(BaseRunner):
@@ -150,7 +170,12 @@ class Predictor(BaseRunner):
         self._cleanup_previous()
         # Registered before generating, so a cancel that lands after generate() returns still gets it removed.
         self._last_workdir = workdir = service.new_workdir()
-        job = service.run_job(self.pipe, inputs, workdir, on_metric=lambda k, v: self.record_metric(k, v))
+        try:
+            job = service.run_job(self.pipe, inputs, workdir, on_metric=lambda k, v: self.record_metric(k, v))
+        except InputError as exc:
+            raise InvalidInput(str(exc)) from None
+        except GenerationError as exc:
+            raise CannotGenerate(str(exc)) from exc
         if self.storage is not None:
             # Cog's output type stays a file (Replicate uploads it); the bucket URL goes to the logs and metrics.
             upload = self.storage.upload(job.path)  # key: <prefix><random id>/<sha256[:16]>.mp4

@@ -9,9 +9,9 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from .envvars import env_text
+from .download import default_weights_dir
 from .errors import InputError
-from .settings import ENV_WEIGHTS, Settings, SettingsError
+from .settings import Settings, SettingsError
 
 
 def _bbox(text: str) -> list[float]:
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="speaker box in source pixels, give twice (speaker 1 then 2); default left/right halves")
     ap.add_argument("--out", type=Path, required=True, help="output .mp4")
     ap.add_argument("--weights", type=Path, default=None,
-                    help="weights folder (weights/README.md); default $INFINITETALK_WEIGHTS, else weights/")
+                    help="weights folder (weights/README.md); default $INFINITETALK_WEIGHTS, else the repository's "
+                         "weights/")
     ap.add_argument("--resolution", choices=["480p", "720p"], default="480p", help="bucket family (default 480p)")
     ap.add_argument("--width", type=int, default=None, help="explicit width, multiple of 16 (with --height)")
     ap.add_argument("--height", type=int, default=None, help="explicit height, multiple of 16 (with --width)")
@@ -60,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="step cache threshold (TeaCache rule per guidance branch); 0 = off (default)")
     ap.add_argument("--prompt", default=None, help="text prompt")
     ap.add_argument("--negative-prompt", default=None, help="negative prompt (default: the official one)")
-    ap.add_argument("--crf", type=int, default=18, help="H.264 CRF, 0-51, lower is better (default 18)")
+    quality = ap.add_mutually_exclusive_group()
+    quality.add_argument("--quality", type=int, default=None, choices=range(1, 11), metavar="1-10",
+                         help="output quality, higher is better and bigger: H.264 CRF = 40 - 3 x quality, as the "
+                              "servers' quality input (default 8 = CRF 16)")
+    quality.add_argument("--crf", type=int, default=None, help="H.264 CRF 0-51 instead of --quality, lower is better")
     ap.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     ap.add_argument("--attention-backend", default=None,
                     help="diffusers attention backend, e.g. native or _native_cudnn (default: native)")
@@ -74,24 +79,47 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _check_paths(args: argparse.Namespace) -> None:
+def _check_inputs(args: argparse.Namespace, request) -> None:
+    """Every input file exists and passes :func:`infinitetalk.inputs.probe_request` (headers and limits),
+    and the output folder exists: a bad file fails in a second, not after the model load."""
+    from .inputs import probe_request
+
     for flag, path in (("--image", args.image), ("--video", args.video), ("--audio", args.audio),
                        ("--audio2", args.audio2)):
         if path is not None and not path.is_file():
             raise InputError(f"{flag} file not found: {path}")
     if not args.out.parent.is_dir():
         raise InputError(f"--out folder does not exist: {args.out.parent}")
+    probe_request(request, labels={"image": "--video" if args.video is not None else "--image",
+                                   "audio": "--audio", "audio_2": "--audio2"})
 
 
 def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
     """The CLI's settings: its flags, with the weights folder from ``--weights``, else
-    ``$INFINITETALK_WEIGHTS``, else ``weights/``; no other variable is read (the servers' memory mode,
-    compile and GPU switches do not apply to the CLI, whose defaults are no compile, memory mode none
-    and one GPU). Raises :class:`SettingsError` for an invalid value."""
+    ``$INFINITETALK_WEIGHTS``, else the repository's ``weights/`` (the servers' rule,
+    :func:`infinitetalk.download.default_weights_dir`); no other variable is read (the servers' memory
+    mode, compile and GPU switches do not apply to the CLI, whose defaults are no compile, memory mode
+    none and one GPU). Raises :class:`SettingsError` for an invalid value."""
     env = os.environ if env is None else env
-    weights = args.weights if args.weights is not None else Path(env_text(env, ENV_WEIGHTS) or "weights")
+    weights = args.weights if args.weights is not None else default_weights_dir(env)
     return Settings(weights=weights, memory_mode=args.memory_mode, compile=args.compile, num_gpus=args.num_gpus,
                     turbo_lora=args.lora, attention_backend=args.attention_backend)
+
+
+def request_from_args(args: argparse.Namespace):
+    """The :class:`~infinitetalk.request.GenerationRequest` of the flags (not yet validated)."""
+    from .request import DEFAULT_PROMPT, INPUTS, GenerationRequest, quality_to_crf
+
+    quality = args.quality if args.quality is not None else INPUTS["quality"].default  # the servers' default
+
+    return GenerationRequest(
+        image=args.image or args.video, audio=args.audio, audio_2=args.audio2, audio_mode=args.audio_mode,
+        bboxes=args.bbox, prompt=args.prompt or DEFAULT_PROMPT, negative_prompt=args.negative_prompt,
+        resolution=args.resolution, width=args.width, height=args.height, max_duration=args.max_duration,
+        steps=args.steps, text_guidance=args.text_guidance, audio_guidance=args.audio_guidance, shift=args.shift,
+        seed=args.seed, color_correction=args.color_correction, apg=args.apg, turbo=args.turbo,
+        crf=args.crf if args.crf is not None else quality_to_crf(quality), step_cache=args.step_cache,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,22 +130,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .build import build_pipeline, close_pipeline
-    from .pipeline import DEFAULT_PROMPT, GenerationError, GenerationRequest
-    from .weights import WeightsError
-
-    request = GenerationRequest(
-        image=args.image or args.video, audio=args.audio, audio_2=args.audio2, audio_mode=args.audio_mode,
-        bboxes=args.bbox, prompt=args.prompt or DEFAULT_PROMPT, negative_prompt=args.negative_prompt,
-        resolution=args.resolution, width=args.width, height=args.height, max_duration=args.max_duration,
-        steps=args.steps, text_guidance=args.text_guidance, audio_guidance=args.audio_guidance, shift=args.shift,
-        seed=args.seed, color_correction=args.color_correction, apg=args.apg, crf=args.crf, turbo=args.turbo,
-        step_cache=args.step_cache,
-    )
-    pipe = None
+    request = request_from_args(args)
     try:
         request.validate()
-        _check_paths(args)  # before the model load (about a minute with real weights)
+        _check_inputs(args, request)  # before the model load (about a minute with real weights)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from .build import build_pipeline, close_pipeline
+    from .pipeline import GenerationError
+    from .weights import WeightsError
+
+    pipe = None
+    try:
         # Under torchrun every process runs this; --num-gpus N spawns the other ranks.
         pipe = build_pipeline(settings, device=args.device)
         context = getattr(pipe, "parallel", None)

@@ -13,6 +13,12 @@ Limits (stated in the predictor's input descriptions):
   same readers, limits and messages);
 * two-speaker boxes: inside the reference image.
 
+:func:`probe_request` checks all of a request's files against these limits from their headers
+(ffprobe; a still image's first frame is decoded so a truncated file fails too) without decoding
+audio or video, so the front ends refuse a bad file before any model work: the CLI before it loads
+the weights, the servers first in each job. What only a full decode can tell (NaN samples, a video
+with no decodable frame) is still refused when the pipeline reads the files.
+
 Messages of the media/audio readers name the *file* (what a command-line user wants). Cog hands
 the predictor temporary files with generated names (``tmpabc123file.png``), so the predictor
 rewrites them with :func:`name_inputs` into ``the image input ...`` / ``the audio_2 input ...``.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -32,6 +39,8 @@ from .errors import InputError
 
 #: Longest accepted reference video (V2V), in seconds.
 MAX_VIDEO_SECONDS = 3600.0
+#: How much longer than its container says a speech file may decode (the probe's benefit of the doubt).
+PROBE_SLACK_S = 0.005
 
 
 def name_inputs(message: str, paths: Mapping[str, str | os.PathLike | None]) -> str:
@@ -61,16 +70,9 @@ def load_reference(path: str | os.PathLike, label: str = "image"):
     seek when a later chunk needs a frame), so a failure before generation leaves no ffmpeg behind.
     """
     info, still = media.probe_and_load(path)
-    if info.kind == "audio" or not info.has_video:
-        raise InputError(f"the {label} input has no picture: give an image or a video file")
+    _check_reference(info, label)
     if still is not None:
         return info, None, still
-    if min(info.width or 0, info.height or 0) < media.DEFAULT_MIN_SIDE:
-        raise InputError(f"the {label} input is a video of {info.width}x{info.height}; "
-                         f"the minimum side is {media.DEFAULT_MIN_SIDE} pixels")
-    if info.duration is not None and info.duration > MAX_VIDEO_SECONDS:
-        raise InputError(f"the {label} input is a video of {info.duration:.1f} s; "
-                         f"the maximum is {MAX_VIDEO_SECONDS:g} s")
     reader = media.VideoFrameReader(path, info)
     try:
         first = reader.first_frame()
@@ -79,12 +81,30 @@ def load_reference(path: str | os.PathLike, label: str = "image"):
     return info, reader, first
 
 
+def _check_reference(info: media.MediaInfo, label: str) -> None:
+    """The limits of a reference whose probe succeeded: a picture, and for a video its size and length."""
+    if info.kind == "audio" or not info.has_video:
+        raise InputError(f"the {label} input has no picture: give an image or a video file")
+    if info.kind == "image":
+        return  # the size limits of a still image are checked when it is opened (media.probe_and_load)
+    if min(info.width or 0, info.height or 0) < media.DEFAULT_MIN_SIDE:
+        raise InputError(f"the {label} input is a video of {info.width}x{info.height}; "
+                         f"the minimum side is {media.DEFAULT_MIN_SIDE} pixels")
+    if info.duration is not None and info.duration > MAX_VIDEO_SECONDS:
+        raise InputError(f"the {label} input is a video of {info.duration:.1f} s; "
+                         f"the maximum is {MAX_VIDEO_SECONDS:g} s")
+
+
+def _check_short(seconds: float, label: str, slack: float = 0.0) -> None:
+    if audio_lib.num_video_frames(int(round((seconds + slack) * audio_lib.SAMPLE_RATE))) < 1:
+        raise InputError(f"the {label} input is {seconds * 1000:.0f} ms long; "
+                         "the minimum is one video frame (40 ms)")
+
+
 def load_audio(path: str | os.PathLike, label: str = "audio") -> np.ndarray:
     """Speech as 16 kHz mono float32, loudness-normalised (:func:`audio.load_speech`), at least one frame long."""
     wav = audio_lib.load_speech(path)
-    if audio_lib.num_video_frames(len(wav)) < 1:
-        raise InputError(f"the {label} input is {len(wav) / audio_lib.SAMPLE_RATE * 1000:.0f} ms long; "
-                         "the minimum is one video frame (40 ms)")
+    _check_short(len(wav) / audio_lib.SAMPLE_RATE, label)
     return wav
 
 
@@ -98,4 +118,44 @@ def check_boxes(bboxes: Sequence[Sequence[float]] | None, width: int, height: in
                              f"0 <= top < bottom <= {height} and 0 <= left < right <= {width}")
 
 
-__all__ = ["MAX_VIDEO_SECONDS", "check_boxes", "load_audio", "load_reference", "name_inputs"]
+def probe_reference(path: str | os.PathLike, label: str = "image") -> media.MediaInfo:
+    """The reference's limits from its header, as :func:`load_reference` checks them: a missing, empty,
+    unreadable, truncated (still image), oversized or undersized file, an audio-only file, or a video
+    over :data:`MAX_VIDEO_SECONDS` raise InputError. A video is only probed (ffprobe), not decoded."""
+    info, _still = media.probe_and_load(path)  # a still is decoded once here: truncation shows only then
+    _check_reference(info, label)
+    return info
+
+
+def probe_speech(path: str | os.PathLike, label: str = "audio") -> None:
+    """Speech (an audio file or a video with sound) as far as ffprobe can tell: the file exists and is
+    not empty, has an audio stream, and (when the container states its length) lasts one video frame.
+    A container's length can differ from the decoded one by a few milliseconds: the probe leaves
+    :data:`PROBE_SLACK_S` of doubt to :func:`load_audio`, which counts the decoded samples."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"audio file {p.name!r} does not exist or is not a regular file")
+    if p.stat().st_size == 0:
+        raise InputError(f"audio file {p.name!r} is empty (0 bytes)")
+    info = audio_lib.probe_audio(p)
+    if info.duration is not None:
+        _check_short(info.duration, label, slack=PROBE_SLACK_S)
+
+
+def probe_request(request, labels: Mapping[str, str] | None = None) -> None:
+    """Check every input file of ``request`` (a :class:`~infinitetalk.request.GenerationRequest`) from
+    its header, before any model work: the reference (``image``: an image or a video), the speech
+    (``audio``, ``audio_2``: audio or a video with sound) and the two-speaker boxes against the
+    reference's size. Raises :class:`InputError` with the message the pipeline would give for the
+    same file. ``labels`` names the inputs in messages (default: the field names; the CLI passes its
+    flags)."""
+    labels = {"image": "image", "audio": "audio", "audio_2": "audio_2", **(labels or {})}
+    info = probe_reference(request.image, labels["image"])
+    probe_speech(request.audio, labels["audio"])
+    if request.audio_2 is not None:
+        probe_speech(request.audio_2, labels["audio_2"])
+    check_boxes(request.bboxes, info.width, info.height)
+
+
+__all__ = ["MAX_VIDEO_SECONDS", "check_boxes", "load_audio", "load_reference", "name_inputs", "probe_reference",
+           "probe_request", "probe_speech"]

@@ -10,8 +10,9 @@ stops the worker here with one line), then every model is loaded once. Each job:
 2. file inputs (``image``, ``audio``, ``audio_2``) are http(s) URLs, fetched with the SDK's
    SSRF-safe client (public addresses only, redirects re-checked) under a size and a time limit,
    or ``data:`` URLs (base64); anything else (``file://``, a local path, ``s3://``) is refused;
-3. :func:`infinitetalk.service.run_job` generates the MP4 in the job's temporary folder, reporting
-   progress through ``runpod.serverless.progress_update`` (chunks done, seconds of video);
+3. :func:`infinitetalk.service.run_job` probes the files, then generates the MP4 in the job's
+   temporary folder, reporting progress through ``runpod.serverless.progress_update`` (chunks done,
+   seconds of video) and in the log (plain ``chunk 1/3, step 2/4`` lines: no terminal bars);
 4. the MP4 goes to the configured bucket (the job's output carries a presigned URL) or, with no
    bucket, comes back inline as a ``data:video/mp4;base64`` URL when it is small enough.
 
@@ -226,7 +227,7 @@ class RunPodWorker:
 
         t0 = time.perf_counter()
         result = service.run_job(self.pipe, job.get("input"), jobdir / "run", fetch=fetch, on_progress=on_progress,
-                                 should_stop=should_stop, log=self.log, show_progress=False)
+                                 should_stop=should_stop, log=self.log)
         out = {"seed": result.result.seed, "duration": round(result.result.duration, 3),
                "frames": result.result.num_frames, "width": result.result.width, "height": result.result.height,
                "chunks": result.result.num_chunks, "metrics": dict(result.metrics)}

@@ -6,9 +6,10 @@ One place for what a service does around :meth:`InfiniteTalkPipeline.generate`:
   rule table): a job's named inputs -> a validated :class:`GenerationRequest`, or an
   :class:`InputError` with one line that names the input (the Cog ``Input()`` literals in
   ``predict.py`` are checked against the table by a test);
-* :func:`run_job`: build, fetch the input files (optional hook), generate into a per-run folder,
-  report progress (metrics and snapshots), rename file names in input errors to the input's name,
-  and remove the folder on any failure or cancellation;
+* :func:`run_job`: build, fetch the input files (optional hook), probe them
+  (:func:`infinitetalk.inputs.probe_request`: a bad file fails before any model work), generate into
+  a per-run folder, report progress (metrics and snapshots), rename file names in input errors to
+  the input's name, and remove the folder on any failure or cancellation;
 * :func:`load_pipeline`: load every model once per process (weights fetched first if absent), as
   the validated :class:`~infinitetalk.settings.Settings` say.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import GenerationCancelled, InputError
-from .inputs import name_inputs
+from .inputs import name_inputs, probe_request
 from .pipeline import FPS, GenerationResult, ProgressEvent
 from .request import (  # noqa: F401  (the serving core's public names; the rules live in request.py)
     DEFAULT_PROMPT,
@@ -154,6 +155,7 @@ def run_job(pipe, inputs: Mapping[str, Any], workdir: str | os.PathLike, *,
         labels = {name: getattr(request, name) for name in FILE_INPUTS}
         tracker = ProgressTracker(metric, on_progress, should_stop)
         try:
+            probe_request(request)  # every file's header and limits, before any model work
             result = pipe.generate(request, workdir / "output.mp4", callback=tracker, show_progress=show_progress)
         except InputError as exc:
             # Input files have generated names (cog's tmpab12cd34file.png, our downloads): name the input.
@@ -195,6 +197,7 @@ def load_pipeline(settings: Settings | None = None, log: Callable[[str], None] =
     t0 = time.perf_counter()
     weights = ensure_weights(settings.weights, log=log)
     t_fetch = time.perf_counter() - t0
+    _quiet_loading_bars()
     pipe = build_pipeline(settings)
     timings = getattr(pipe, "load_timings", {})
     log(f"setup: loaded InfiniteTalk from {weights} on {placement(pipe)} in "
@@ -203,6 +206,23 @@ def load_pipeline(settings: Settings | None = None, log: Callable[[str], None] =
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     return pipe
+
+
+def _quiet_loading_bars() -> None:
+    """Off a terminal (Cog, RunPod), transformers' and diffusers' "Loading weights" bars would put
+    carriage returns into the setup logs, and they say nothing the timings of the setup line do not."""
+    import sys
+
+    try:
+        if sys.stderr is not None and sys.stderr.isatty():
+            return
+    except (AttributeError, ValueError, OSError):
+        pass
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
 
 
 def configure_logging() -> None:

@@ -1,4 +1,5 @@
-"""``python -m infinitetalk``: one real run with the tiny weights, flag mapping, and clean errors (exit 2)."""
+"""``python -m infinitetalk``: one real run with the tiny weights, flag mapping, and clean errors (exit 2);
+a bad input file fails on its probe, before any weight is read."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from decoding import ffprobe_streams  # tests/ is on sys.path for test modules
-from infinitetalk import cli
+from infinitetalk import build, cli, download, weights
 from infinitetalk.pipeline import InfiniteTalkPipeline
 
 pytestmark = [
@@ -41,15 +43,36 @@ def test_cli_end_to_end(tiny_weights, portrait, make_speech, tmp_path):
     assert abs(info["audio"]["duration"] - 2.0) <= 1 / 25 + 1e-3
 
 
+def _tiny_video(path: Path, seconds: float = 0.4, audio: bool = False) -> Path:
+    """A 128x128 25 fps H.264 clip (with a sine soundtrack when ``audio``), made by ffmpeg."""
+    cmd = ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", f"testsrc=size=128x128:rate=25:duration={seconds}"]
+    if audio:
+        cmd += ["-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}", "-c:a", "aac"]
+    subprocess.run([*cmd, "-pix_fmt", "yuv420p", "-c:v", "libx264", str(path)], check=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def good_files(tmp_path_factory, portrait, make_speech) -> dict[str, Path]:
+    """Valid inputs (they pass the probe): a portrait, two speech files and a short video."""
+    folder = tmp_path_factory.mktemp("cli_inputs")
+    files = {"p.png": folder / "p.png", "a.wav": folder / "a.wav", "b.wav": folder / "b.wav",
+             "in.mp4": _tiny_video(folder / "in.mp4")}
+    shutil.copy(portrait, files["p.png"])
+    shutil.copy(make_speech(1.0, "cli_a"), files["a.wav"])
+    shutil.copy(make_speech(1.0, "cli_b"), files["b.wav"])
+    return files
+
+
 @pytest.fixture
-def fake_pipeline(monkeypatch, tmp_path):
+def fake_pipeline(monkeypatch, tmp_path, good_files):
     """Replace model loading: record the load arguments and the request instead of generating.
-    Runs in ``tmp_path``, where the (empty) input files the tests name exist."""
+    Runs in ``tmp_path``, where the valid input files the tests name exist."""
     seen: dict = {}
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("INFINITETALK_WEIGHTS", raising=False)  # the default folder is weights/
-    for name in ("p.png", "a.wav", "b.wav", "in.mp4"):
-        (tmp_path / name).touch()
+    monkeypatch.delenv("INFINITETALK_WEIGHTS", raising=False)  # the default folder is the repository's weights/
+    for name, path in good_files.items():
+        shutil.copy(path, tmp_path / name)
 
     class Fake:
         def generate(self, request, output_path, show_progress=True, callback=None):
@@ -98,7 +121,8 @@ def test_cli_explicit_size_and_defaults(fake_pipeline, tmp_path):
     assert req.negative_prompt is None and req.prompt  # official negative prompt, default prompt
     eff = req.resolved()  # unset sampling options take the official (non-turbo) values
     assert (eff.steps, eff.text_guidance, eff.audio_guidance, eff.shift) == (40, 5.0, 4.0, 7.0)
-    assert fake_pipeline["weights"] == Path("weights") and fake_pipeline["show_progress"] is True
+    assert fake_pipeline["weights"] == ROOT / "weights" and fake_pipeline["show_progress"] is True
+    assert req.crf == 16  # --quality 8, the servers' default quality
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -118,7 +142,7 @@ def test_cli_num_gpus_is_lowered_without_gpus_and_checked(fake_pipeline, tmp_pat
     out = str(tmp_path / "o.mp4")
     # No GPU here: --num-gpus 2 falls back to the one-process pipeline (the same load as without it).
     assert cli.main(["--image", "p.png", "--audio", "a.wav", "--out", out, "--num-gpus", "2"]) == 0
-    assert fake_pipeline["weights"] == Path("weights") and "request" in fake_pipeline
+    assert fake_pipeline["weights"] == ROOT / "weights" and "request" in fake_pipeline
     fake_pipeline.clear()
     assert cli.main(["--image", "p.png", "--audio", "a.wav", "--out", out, "--num-gpus", "3"]) == 2
     assert "num_gpus must be one of (1, 2, 4, 8)" in capsys.readouterr().err
@@ -138,10 +162,30 @@ def test_cli_usage_errors(argv, capsys):
     assert "usage: python -m infinitetalk" in capsys.readouterr().err
 
 
-def test_cli_missing_weights(tmp_path, portrait, capsys):
-    (tmp_path / "a.wav").touch()
-    rc = cli.main(["--image", str(portrait), "--audio", str(tmp_path / "a.wav"), "--out", str(tmp_path / "o.mp4"),
-                   "--weights", str(tmp_path / "nowhere"), "--device", "cpu"])
+def test_cli_quality_maps_to_crf_like_the_servers(fake_pipeline, tmp_path, capsys):
+    out = str(tmp_path / "o.mp4")
+    assert cli.main(["--image", "p.png", "--audio", "a.wav", "--out", out, "--quality", "10"]) == 0
+    assert fake_pipeline["request"].crf == 10
+    assert cli.main(["--image", "p.png", "--audio", "a.wav", "--out", out, "--crf", "23"]) == 0
+    assert fake_pipeline["request"].crf == 23
+    for bad in (["--quality", "11"], ["--quality", "8", "--crf", "20"]):  # out of range; both given
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["--image", "p.png", "--audio", "a.wav", "--out", out, *bad])
+        assert exc.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
+def test_cli_weights_folder_rule(monkeypatch):
+    """``--weights``, else ``$INFINITETALK_WEIGHTS``, else the repository's ``weights/``: the servers' rule."""
+    args = cli.build_parser().parse_args(["--image", "p.png", "--audio", "a.wav", "--out", "o.mp4"])
+    assert cli.settings_from_args(args, {}).weights == download.default_weights_dir({}) == ROOT / "weights"
+    assert cli.settings_from_args(args, {"INFINITETALK_WEIGHTS": "/data/w"}).weights == Path("/data/w")
+    args.weights = Path("W")
+    assert cli.settings_from_args(args, {"INFINITETALK_WEIGHTS": "/data/w"}).weights == Path("W")
+
+
+def test_cli_missing_weights(tmp_path, portrait, make_speech, capsys):
+    rc = cli.main(["--image", str(portrait), "--audio", str(make_speech(1.0, "cli_a")), "--out",
+                   str(tmp_path / "o.mp4"), "--weights", str(tmp_path / "nowhere"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "error: weights folder is incomplete" in err and "download_weights.py" in err
 
@@ -169,3 +213,94 @@ def test_cli_bad_input_file_is_one_line(tiny_weights, make_speech, tmp_path, cap
     err = capsys.readouterr().err
     assert rc == 2 and "error: input file 'face.png' is not a readable image, video or audio file" in err, err
     assert "Traceback" not in err and not out.exists()
+
+
+_WATCHED: list[str] = []  # folders nothing may open or list while a test runs
+_SEEN: list[str] = []
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _WATCHED and event in ("open", "os.listdir", "os.scandir") and args and isinstance(args[0], (str, Path)):
+        path = os.path.abspath(os.fspath(args[0]))
+        if any(path.startswith(folder) for folder in _WATCHED):
+            _SEEN.append(f"{event} {path}")
+
+
+sys.addaudithook(_audit)
+
+
+def _corrupt(kind: str, folder: Path, good: dict[str, Path]) -> Path:
+    """A bad input file of one kind, in ``folder``."""
+    if kind == "random.png":
+        path = folder / "face.png"
+        path.write_bytes(os.urandom(4096))
+    elif kind == "empty.wav":
+        path = folder / "speech.wav"
+        path.touch()
+    elif kind == "text.wav":
+        path = folder / "speech.wav"
+        path.write_text("this is not speech\n" * 50)
+    elif kind == "picture.wav":
+        path = folder / "speech.wav"
+        shutil.copy(good["p.png"], path)
+    elif kind == "speech.mp4":
+        path = folder / "clip.mp4"
+        shutil.copy(good["a.wav"], path)
+    else:
+        path = folder / "short.wav"
+        import numpy as np
+        import soundfile as sf
+
+        sf.write(str(path), np.zeros(320, dtype=np.float32), 16000)  # 20 ms
+    return path
+
+
+# (the flag given the bad file, its kind, the one-line error)
+CORRUPT = [
+    ("--image", "random.png", "error: input file 'face.png' is not a readable image, video or audio file"),
+    ("--audio", "empty.wav", "error: audio file 'speech.wav' is empty (0 bytes)"),
+    ("--audio", "text.wav", "error: cannot read speech.wav as a media file"),
+    ("--audio", "picture.wav", "error: speech.wav has no audio stream"),
+    ("--audio2", "empty.wav", "error: audio file 'speech.wav' is empty (0 bytes)"),
+    ("--audio", "short.wav", "error: the --audio input is 20 ms long; the minimum is one video frame (40 ms)"),
+    ("--video", "speech.mp4", "error: the --video input has no picture: give an image or a video file"),
+]
+
+
+@pytest.mark.parametrize("flag, kind, message", CORRUPT, ids=[f"{f}-{k}" for f, k, _ in CORRUPT])
+def test_cli_bad_input_fails_before_any_weight_is_read(tiny_weights, good_files, tmp_path, monkeypatch, capsys,
+                                                        flag, kind, message):
+    """A complete (tiny) weights folder and one bad input: the probe refuses the file in well under 2 s,
+    with one line that names it, and no loader runs and nothing in the weights folder is opened."""
+    called: list[str] = []
+
+    def forbidden(what):
+        def fail(*args, **kwargs):
+            called.append(what)
+            raise AssertionError(f"{what} called for a bad input")
+        return fail
+
+    monkeypatch.setattr(build, "build_pipeline", forbidden("build_pipeline"))
+    monkeypatch.setattr(InfiniteTalkPipeline, "from_pretrained", staticmethod(forbidden("from_pretrained")))
+    monkeypatch.setattr(weights, "load_transformer", forbidden("load_transformer"))
+    files = {"--image": good_files["p.png"], "--audio": good_files["a.wav"]}
+    if flag == "--audio2":
+        files["--audio2"] = good_files["b.wav"]
+    if flag == "--video":
+        del files["--image"]
+    files[flag] = _corrupt(kind, tmp_path, good_files)
+    argv = [*(x for pair in files.items() for x in (pair[0], str(pair[1]))), "--out", str(tmp_path / "o.mp4"),
+            "--weights", str(tiny_weights), "--device", "cpu", "--quiet"]
+    _WATCHED.append(str(tiny_weights))
+    _SEEN.clear()
+    try:
+        t0 = time.perf_counter()
+        rc = cli.main(argv)
+        seconds = time.perf_counter() - t0
+    finally:
+        _WATCHED.clear()
+    err = capsys.readouterr().err
+    assert rc == 2 and err == message + "\n", err
+    assert seconds < 2.0, f"took {seconds:.2f} s"
+    assert not called and not _SEEN, (called, _SEEN)
+    assert not (tmp_path / "o.mp4").exists()

@@ -213,6 +213,9 @@ def test_run_then_status_completes_with_a_presigned_url_to_the_mp4(worker, files
     assert again["status"] == "FAILED" and again["error"] == "Job ID not found"
     logs = worker.log_tail(20000)
     assert "seed: 7" in logs and "progress: {'chunks_done': 1" in logs  # progress reaches the log locally
+    # The pipeline's progress as plain lines (no tqdm bars), and no bar at boot either: nothing here is a terminal.
+    assert "chunk 1/1, step 2/2\n" in logs and "chunk 1/1 done: 1.20 s of 1.20 s video in " in logs, logs[-3000:]
+    assert "\r" not in logs and "\x1b" not in logs, repr(logs[-3000:])
     assert _leftovers(worker.tmpdir) == []  # inputs, output and run folder removed after the upload
 
 

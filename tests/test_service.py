@@ -112,3 +112,38 @@ def test_progress_tracker_metrics_snapshots_and_stop():
     stop[0] = True
     with pytest.raises(GenerationCancelled):
         tracker(ProgressEvent(1, 2, 1, 2, 81, 100))
+
+
+class _Unloaded:
+    """A pipeline that must not be asked to generate (the job should fail on its input probe first)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def generate(self, *args, **kwargs):
+        self.calls += 1
+        raise AssertionError("generate called for a bad input file")
+
+
+@pytest.mark.parametrize("which, content, message", [
+    ("image", b"", "the image input is empty (0 bytes)"),
+    ("image", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8, "the image input is not a readable image"),
+    ("audio", b"", "the audio input is empty (0 bytes)"),
+    ("audio", b"plain text, not speech\n" * 40, "cannot read the audio input as a media file"),
+    ("audio_2", b"", "the audio_2 input is empty (0 bytes)"),
+])
+def test_run_job_probes_the_files_before_generating(portrait, make_speech, tmp_path, which, content, message):
+    """run_job checks every fetched file (probe_request) first: a bad one fails with its input's name
+    (not the temporary file's), the pipeline is not called and the run's folder is removed."""
+    files = {"image": portrait, "audio": make_speech(1.0, "service_a"), "audio_2": None}
+    if which == "audio_2":
+        files["audio_2"] = make_speech(1.0, "service_b")
+    bad = tmp_path / f"tmpq7x2file{'.png' if which == 'image' else '.wav'}"  # a name like cog's
+    bad.write_bytes(content)
+    files[which] = bad
+    pipe, workdir = _Unloaded(), tmp_path / "run"
+    inputs = {name: str(path) for name, path in files.items() if path is not None}
+    with pytest.raises(InputError) as err:
+        service.run_job(pipe, inputs, workdir, log=lambda message: None)
+    assert message in str(err.value) and "tmpq7x2file" not in str(err.value), str(err.value)
+    assert pipe.calls == 0 and not workdir.exists()
