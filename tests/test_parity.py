@@ -39,6 +39,7 @@ def test_every_golden_case_passes(golden, tmp_path):
 
 
 @pytest.mark.parametrize("key", ["caseB.output", "caseA.block0_audio_cross_attn_out"])
+@pytest.mark.slow
 def test_a_wrong_reference_value_fails_the_check(golden, tmp_path, key):
     import torch
     from safetensors.torch import load_file, save_file
@@ -60,6 +61,7 @@ def test_empty_folder_is_an_error(tmp_path):
     assert result.returncode != 0
 
 
+@pytest.mark.slow
 def test_an_explicit_golden_folder_is_still_accepted(golden, tmp_path):
     folder = tmp_path / "elsewhere"
     shutil.copytree(golden, folder)

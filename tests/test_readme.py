@@ -118,6 +118,7 @@ def tried(tmp_path_factory, venv_env) -> dict:
 
 
 @needs_ffmpeg
+@pytest.mark.slow
 def test_try_it_commands_make_a_playable_mp4_in_two_minutes(tried):
     lines = tried["lines"]
     assert any(ln.startswith("infinitetalk ") for ln in lines), "the try-it block runs the installed command"
