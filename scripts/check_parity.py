@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check numerical parity of this project against a golden folder computed by the official code.
 
-Usage: python scripts/check_parity.py GOLDEN_DIR
+Usage: python scripts/check_parity.py [GOLDEN_DIR]   (default: tests/golden, in the repository)
 
 Prints one line per case (``name rel_l2=... max_abs=...``) and exits non-zero if any case
 exceeds its tolerance (see the golden README: rel-L2 < 1e-4 for the DiT and audio features,
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_GOLDEN = HERE.parent / "tests" / "golden"
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
@@ -25,7 +26,8 @@ from parity_common import CaseResult  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("golden_dir", type=Path)
+    ap.add_argument("golden_dir", type=Path, nargs="?", default=DEFAULT_GOLDEN,
+                    help=f"folder of golden data (default: {DEFAULT_GOLDEN.relative_to(HERE.parent)})")
     ap.add_argument("--only", default=None, help="comma-separated group names (dit, algo)")
     args = ap.parse_args(argv)
     golden = args.golden_dir

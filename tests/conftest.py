@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +18,19 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
+#: Figures computed by the official implementation (tests/golden/README.md says how); part of the repository.
+GOLDEN = ROOT / "tests" / "golden"
+
+
 def golden_dir() -> Path:
-    for candidate in (ROOT.parent / "shared" / "golden", ROOT / "shared" / "golden"):
-        if candidate.exists():
-            return candidate
-    return ROOT.parent / "shared" / "golden"
+    return GOLDEN
 
 
 @pytest.fixture(scope="session")
 def golden() -> Path:
-    path = golden_dir()
-    if not path.exists():
-        pytest.skip("golden data absent")
-    return path
+    # In the repository: a missing folder is a broken checkout, an error rather than a skip.
+    assert (GOLDEN / "tiny_dit_cases.safetensors").is_file(), f"golden data missing from {GOLDEN}"
+    return GOLDEN
 
 
 @pytest.fixture(scope="session")
@@ -83,3 +86,40 @@ def portrait(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("img") / "portrait.png"
     Image.fromarray(data.astronaut()).save(out)
     return out
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+
+
+@pytest.fixture(scope="session")
+def editable_venv(tmp_path_factory) -> Path:
+    """A fresh venv with ``pip install -e <repo>`` in it, made offline; its bin/ has the ``infinitetalk`` command.
+
+    The venv has no pip of its own and sees this test environment's packages through a .pth file (what
+    ``--system-site-packages`` does for a base interpreter; the test interpreter is usually a venv itself).
+    ``--no-build-isolation`` builds with this environment's setuptools (>= 70.1, pinned in requirements-dev.txt).
+    """
+    env_dir = tmp_path_factory.mktemp("venv") / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
+    python = env_dir / "bin" / "python"
+    purelib = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  check=True, capture_output=True, text=True, env=_clean_env()).stdout.strip())
+    paths = sysconfig.get_paths()
+    parent = [p for p in dict.fromkeys([*site.getsitepackages(), paths["purelib"], paths["platlib"]])
+              if Path(p).is_dir()]
+    (purelib / "_test_environment.pth").write_text("\n".join(parent) + "\n")
+    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
+                              "-e", str(ROOT)], cwd=env_dir.parent, env=_clean_env(), capture_output=True, text=True,
+                             timeout=300)
+    assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
+    return env_dir
+
+
+@pytest.fixture(scope="session")
+def venv_env(editable_venv) -> dict[str, str]:
+    """Environment for commands run "inside" :func:`editable_venv` (its bin/ first on PATH, as when activated)."""
+    env = _clean_env()
+    env["PATH"] = str(editable_venv / "bin") + os.pathsep + env.get("PATH", "")
+    env["VIRTUAL_ENV"] = str(editable_venv)
+    return env

@@ -34,7 +34,7 @@ from infinitetalk.audio import (
 from infinitetalk.errors import InputError
 from infinitetalk.media import VideoWriter
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+GOLDEN = Path(__file__).resolve().parent / "golden"
 SPEECH = GOLDEN / "speech_16k.wav"
 TINY_W2V = GOLDEN / "tiny_wav2vec2"
 HAVE_FFMPEG = shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None

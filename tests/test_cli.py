@@ -25,6 +25,7 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tiny_weights, portrait, make_speech, tmp_path):
     speech = make_speech(2.0, "cli")
     out = tmp_path / "talk.mp4"

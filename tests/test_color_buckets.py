@@ -24,7 +24,7 @@ from infinitetalk.buckets import (
 from infinitetalk.color import match_and_blend_colors, match_colors_frames
 from infinitetalk.errors import InputError
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
 # ----------------------------------------------------------------------------- colour

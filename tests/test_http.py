@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("cog")
+pytestmark = pytest.mark.slow  # a real server: setup, then whole predictions and a cancel
 
 from decoding import ffprobe_streams  # noqa: E402
 from loopback import data_url, ffmpeg_descendants, free_port, stop_process_group  # noqa: E402

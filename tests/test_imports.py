@@ -18,6 +18,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "infinitetalk"
 SCRIPTS = ROOT / "scripts"
@@ -52,6 +54,7 @@ def _import_alone(module: str) -> tuple[str, int, str]:
     return module, res.returncode, res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     modules = sorted(_package_modules())
     assert {"infinitetalk.pipeline", "infinitetalk.settings", "infinitetalk.models"} <= set(modules)

@@ -1,4 +1,4 @@
-"""The repository is lint-clean (ruff.toml: pyflakes, pycodestyle, isort, complexity at most 12)."""
+"""The repository is lint-clean (pyproject [tool.ruff]: pyflakes, pycodestyle, isort, complexity at most 12)."""
 
 from __future__ import annotations
 

@@ -71,6 +71,7 @@ def run_child(weights: Path, image: Path, audio: Path, out: Path) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_audio_length(tiny_weights, portrait, make_speech, tmp_path):
     runs = {}
     for seconds, chunks in ((8, 3), (60, 21)):

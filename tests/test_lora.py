@@ -317,6 +317,7 @@ def test_load_order_is_enforced(real_lora, load):
 # ---------------------------------------------------------------------------- compile, offload
 
 
+@pytest.mark.slow
 def test_compiled_model_switches_between_exact_and_turbo(real_lora, load):
     """The server's regional compile (inductor on the CPU) after the adapter: turbo differs from exact,
     equals the fused model, and exact comes back, in successive calls; after one call in each mode
@@ -417,6 +418,7 @@ def test_tiny_lora_is_written_at_the_product_path(tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in load_file(str(tmp_path / TURBO_DIR / TURBO_FILE)).values())
 
 
+@pytest.mark.slow
 def test_pipeline_turbo_and_exact_requests_on_one_pipeline(tmp_path, tiny_weights, portrait, make_speech,
                                                            monkeypatch):
     """Successive turbo / exact / turbo requests on one pipeline with the adapter give the latents of the

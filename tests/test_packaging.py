@@ -1,4 +1,4 @@
-"""Packaging checks: cog.yaml, the two requirements files in step, every import pinned, schema current."""
+"""Packaging checks: cog.yaml, pyproject.toml and requirements files in step, every import pinned, schema current."""
 
 from __future__ import annotations
 
@@ -60,9 +60,9 @@ def read_pins(path: Path) -> dict[str, str]:
             continue
         assert not line.startswith("-"), f"{path.name}: options/includes are not supported by cog: {line!r}"
         name, sep, version = line.partition("==")
-        assert sep and version and re.fullmatch(r"[A-Za-z0-9_.\-]+", name.strip()), (
-            f"{path.name}: every requirement must be pinned with ==: {line!r}")
-        pins[_norm(name.strip())] = version.strip()
+        m = re.fullmatch(r"([A-Za-z0-9_.\-]+)(\[[A-Za-z0-9_,\-]+\])?", name.strip())  # extras allowed
+        assert sep and version and m, f"{path.name}: every requirement must be pinned with ==: {line!r}"
+        pins[_norm(m.group(1))] = version.strip()
     return pins
 
 
@@ -139,6 +139,80 @@ def test_requirement_files_agree():
     expected = {k: v for k, v in cpu.items() if k != "cog"}
     assert {k: v for k, v in gpu.items() if k not in GPU_ONLY} == expected
 
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_pyproject_takes_its_pins_from_the_requirement_files():
+    """One source: pyproject.toml repeats no version; setuptools reads requirements.txt (and the dev extra from
+    requirements-dev.txt) at build time. The expanded configuration is exactly those pins, torch-free."""
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    project = _pyproject()["project"]
+    assert "dependencies" not in project and "optional-dependencies" not in project
+    assert set(project["dynamic"]) == {"dependencies", "optional-dependencies"}
+    dynamic = _pyproject()["tool"]["setuptools"]["dynamic"]
+    assert dynamic["dependencies"] == {"file": ["requirements.txt"]}
+    assert dynamic["optional-dependencies"] == {"dev": {"file": ["requirements-dev.txt"]}}
+    expanded = read_configuration(ROOT / "pyproject.toml", expand=True)["project"]
+
+    def pins(reqs: list[str]) -> dict[str, str]:
+        out = {}
+        for req in reqs:
+            name, _, version = req.partition("==")
+            out[_norm(name.split("[")[0])] = version
+        return out
+
+    assert pins(expanded["dependencies"]) == read_pins(ROOT / "requirements.txt")
+    assert pins(expanded["optional_dependencies"]["dev"]) == read_pins(ROOT / "requirements-dev.txt")
+    assert "torch" not in pins(expanded["dependencies"])
+
+
+def test_pyproject_metadata_matches_the_package_and_cog_yaml():
+    import infinitetalk
+
+    data = _pyproject()
+    project = data["project"]
+    assert project["name"] == "infinitetalk" and project["version"] == infinitetalk.__version__
+    python = yaml.safe_load((ROOT / "cog.yaml").read_text())["build"]["python_version"]
+    assert project["requires-python"] == f">={python}"
+    assert data["build-system"]["build-backend"] == "setuptools.build_meta"
+    # `infinitetalk` is `python -m infinitetalk`: both call infinitetalk.cli.main.
+    assert project["scripts"] == {"infinitetalk": "infinitetalk.cli:main"}
+    main = ast.parse((ROOT / "infinitetalk" / "__main__.py").read_text())
+    assert "from .cli import main" in ast.unparse(main) and "sys.exit(main())" in ast.unparse(main)
+
+
+def test_tool_configuration_lives_in_pyproject():
+    tool = _pyproject()["tool"]
+    assert not (ROOT / "ruff.toml").exists() and not (ROOT / ".ruff.toml").exists()
+    assert not (ROOT / "pytest.ini").exists() and not (ROOT / "setup.cfg").exists()
+    assert tool["ruff"]["line-length"] == 120 and tool["ruff"]["lint"]["mccabe"]["max-complexity"] == 12
+    pytest_cfg = tool["pytest"]["ini_options"]
+    assert "-rs" in pytest_cfg["addopts"].split()  # every skip prints its reason
+    assert any(m.startswith("slow:") for m in pytest_cfg["markers"])
+
+
+def _torch_cpu_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if re.search(r"pip install torch==\S+ --index-url", ln)]
+    assert len(lines) == 1, lines
+    return re.sub(r"^python -m pip", "pip", lines[0])
+
+
+def test_ci_installs_torch_as_the_readme_says():
+    """README's CPU install and .ci/run install the same CPU torch wheel with the same line."""
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    line = _torch_cpu_line(ci)
+    assert line == "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    assert line in readme
+    python = yaml.safe_load((ROOT / "cog.yaml").read_text())["build"]["python_version"]
+    assert f"python{python} -m venv" in readme and f"Python {python}" in readme
+    install = [ln.strip() for ln in ci.splitlines() if re.match(r"\s*python -m pip install -e", ln)]
+    assert install and install[0].replace("python -m pip", "pip") in readme
 
 def test_every_import_is_pinned():
     cpu = read_pins(ROOT / "requirements.txt")

@@ -52,6 +52,7 @@ def _frames(path: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
+@pytest.mark.slow
 def test_transformer_split_over_ranks_equals_single_process(tmp_path, nproc):
     script = ROOT / "tests" / "parallel_forward.py"
     single = subprocess.run([sys.executable, str(script), str(tmp_path / "single.pt")], env=_env(),
@@ -70,6 +71,7 @@ def test_transformer_split_over_ranks_equals_single_process(tmp_path, nproc):
     assert (ref["speakers2"] - ref["speakers1"]).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_cli_torchrun_and_num_gpus_equal_single_process(tiny_weights, portrait, make_speech, tmp_path):
     speech = make_speech(4.0, "parallel")  # 2 chunks: the context frames cross the chunk boundary
     common = ["--image", str(portrait), "--audio", str(speech), "--weights", str(tiny_weights), "--width", "64",
@@ -93,6 +95,7 @@ def test_cli_torchrun_and_num_gpus_equal_single_process(tiny_weights, portrait, 
     assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["single.mp4", "spawned.mp4", "torchrun.mp4"]
 
 
+@pytest.mark.slow
 def test_multi_gpu_pipeline_stops_all_ranks_together(tiny_weights, portrait, make_speech, tmp_path):
     speech = make_speech(2.0, "parallel-cancel")
     pipe = MultiGPUPipeline(PipelineLoader(str(tiny_weights), {}), 2, device_type="cpu", ready_timeout=300)

@@ -13,13 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "check_parity.py"
 
 
-def _run(folder: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), str(folder), *extra], capture_output=True, text=True,
-                          timeout=900, cwd=ROOT)
+def _run(folder: Path | None, *extra: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    folder_arg = [] if folder is None else [str(folder)]
+    return subprocess.run([sys.executable, str(SCRIPT), *folder_arg, *extra], capture_output=True, text=True,
+                          timeout=900, cwd=cwd)
 
 
-def test_every_golden_case_passes(golden):
-    result = _run(golden)
+def test_every_golden_case_passes(golden, tmp_path):
+    # No folder argument, from another directory: the script defaults to the repository's tests/golden.
+    result = _run(None, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = [ln for ln in result.stdout.splitlines() if " rel_l2=" in ln]
     names = {ln.split()[0] for ln in lines}
@@ -37,6 +39,7 @@ def test_every_golden_case_passes(golden):
 
 
 @pytest.mark.parametrize("key", ["caseB.output", "caseA.block0_audio_cross_attn_out"])
+@pytest.mark.slow
 def test_a_wrong_reference_value_fails_the_check(golden, tmp_path, key):
     import torch
     from safetensors.torch import load_file, save_file
@@ -56,3 +59,24 @@ def test_a_wrong_reference_value_fails_the_check(golden, tmp_path, key):
 def test_empty_folder_is_an_error(tmp_path):
     result = _run(tmp_path)
     assert result.returncode != 0
+
+
+@pytest.mark.slow
+def test_an_explicit_golden_folder_is_still_accepted(golden, tmp_path):
+    folder = tmp_path / "elsewhere"
+    shutil.copytree(golden, folder)
+    result = _run(folder, "--only", "algo")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].endswith("0 failed")
+
+
+def test_the_golden_data_is_in_the_repository(golden):
+    """The parity tests run from a plain clone: every test reads the golden data from tests/golden."""
+    assert golden == ROOT / "tests" / "golden"
+    assert (golden / "README.md").is_file() and (golden / "tiny_wav2vec2" / "model.safetensors").is_file()
+    files = sorted(str(p.relative_to(ROOT)) for p in golden.rglob("*") if p.is_file())
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout == "", f".gitignore hides golden files: {ignored.stdout}"  # (empty too outside git)
+    here = Path(__file__).name
+    outside = [p.name for p in sorted((ROOT / "tests").glob("*.py")) if p.name != here and '"shared"' in p.read_text()]
+    assert not outside, f"tests that look for golden data outside the repository: {outside}"

@@ -151,6 +151,7 @@ def source_video(portrait, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_v2v_reference_frame_follows_source(pipe, source_video, make_speech, tmp_path, monkeypatch):
     speech = make_speech(6.4, "v2v")  # 160 frames: 3 chunks, starting at output frames 0, 72, 144
     calls: list[tuple[float, np.ndarray]] = []
@@ -206,6 +207,7 @@ def test_two_second_audio(pipe, portrait, make_speech, tmp_path):
 # --------------------------------------------------------------------------- 5. seeds
 
 
+@pytest.mark.slow
 def test_same_seed_same_frames_different_seed_different_frames(pipe, portrait, speech5, single_run, tmp_path):
     first, _ = single_run
     # Swap the two-speaker weights in and out first: the single-speaker weights must come back exactly.

@@ -218,6 +218,7 @@ def test_audio_that_is_an_image_fails_cleanly(predictor, portrait):
     assert _run_dirs() <= before
 
 
+@pytest.mark.slow
 def test_two_rank_predictor_gives_the_same_video(predictor, tiny_weights, portrait, make_speech, monkeypatch):
     """INFINITETALK_NUM_GPUS > 1 on a multi-GPU machine: setup() starts the worker rank(s) and every
     prediction is split over them (here 2 gloo ranks on the CPU); the video equals one rank's."""

@@ -193,6 +193,7 @@ def _leftovers(tmpdir: Path) -> list[str]:
     return sorted(p.name for p in tmpdir.rglob("infinitetalk-*"))
 
 
+@pytest.mark.slow
 def test_run_then_status_completes_with_a_presigned_url_to_the_mp4(worker, files, s3_server, tmp_path):
     server, folder = files
     job_id = worker.run(_tiny(image=server.url + "/face.png", audio=data_url(folder / "speech.wav", "audio/wav")))
@@ -219,6 +220,7 @@ def test_run_then_status_completes_with_a_presigned_url_to_the_mp4(worker, files
     assert _leftovers(worker.tmpdir) == []  # inputs, output and run folder removed after the upload
 
 
+@pytest.mark.slow
 def test_invalid_jobs_fail_with_the_predictor_messages(worker, files):
     server, folder = files
     speech = server.url + "/speech.wav"
@@ -245,6 +247,7 @@ def test_invalid_jobs_fail_with_the_predictor_messages(worker, files):
     assert _leftovers(worker.tmpdir) == []
 
 
+@pytest.mark.slow
 def test_two_jobs_back_to_back_both_complete_with_distinct_objects(worker, files, s3_server, tmp_path):
     server, folder = files
     jobs = [worker.run(_tiny(image=server.url + "/face.png", audio=server.url + name, seed=None))
@@ -261,6 +264,7 @@ def test_two_jobs_back_to_back_both_complete_with_distinct_objects(worker, files
     assert outputs[0]["sha256"] != outputs[1]["sha256"]
 
 
+@pytest.mark.slow
 def test_bad_configuration_stops_the_worker_at_boot(tiny_weights, s3_server, tmp_path):
     """Before any model is loaded: one line on stderr and exit status 2."""
     cases = [

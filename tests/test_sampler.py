@@ -21,7 +21,7 @@ from infinitetalk.sampler import (
     sample_euler,
 )
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
 def test_timesteps_shape_ends_and_monotone():

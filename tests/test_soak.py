@@ -48,6 +48,7 @@ def _snapshot(proc: psutil.Process) -> tuple[float, int]:
     return proc.memory_info().rss / 2**20, proc.num_fds()
 
 
+@pytest.mark.slow
 def test_200_predictions_do_not_leak_memory_fds_files_or_processes(predictor, corpus, capsys):
     proc = psutil.Process()
     predictor._cleanup_previous()

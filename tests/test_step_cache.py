@@ -261,6 +261,7 @@ def test_model_with_compiled_blocks_still_skips(tiny_weights):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_pipeline_with_step_cache(tiny_weights, portrait, make_speech, tmp_path):
     """Through the pipeline: a request with the cache skips block-stack calls after the warm-up (here
     with the benchmark's calibration knob, since random weights never look skippable), the video is

@@ -20,9 +20,7 @@ from infinitetalk.weights import (
     save_prepared,
 )
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
-if not GOLDEN.exists():
-    GOLDEN = Path(__file__).resolve().parents[1] / "shared" / "golden"
+GOLDEN = Path(__file__).resolve().parent / "golden"
 pytestmark = pytest.mark.skipif(not (GOLDEN / "tiny_dit.safetensors").exists(), reason="golden data absent")
 
 
