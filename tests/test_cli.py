@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from decoding import ffprobe_streams  # tests/ is on sys.path for test modules
+from file_audit import SEEN, WATCHED  # tests/ is on sys.path for test modules
 from infinitetalk import build, cli, download, weights
 from infinitetalk.pipeline import InfiniteTalkPipeline
 
@@ -216,18 +217,6 @@ def test_cli_bad_input_file_is_one_line(tiny_weights, make_speech, tmp_path, cap
     assert "Traceback" not in err and not out.exists()
 
 
-_WATCHED: list[str] = []  # folders nothing may open or list while a test runs
-_SEEN: list[str] = []
-
-
-def _audit(event: str, args: tuple) -> None:
-    if _WATCHED and event in ("open", "os.listdir", "os.scandir") and args and isinstance(args[0], (str, Path)):
-        path = os.path.abspath(os.fspath(args[0]))
-        if any(path.startswith(folder) for folder in _WATCHED):
-            _SEEN.append(f"{event} {path}")
-
-
-sys.addaudithook(_audit)
 
 
 def _corrupt(kind: str, folder: Path, good: dict[str, Path]) -> Path:
@@ -292,16 +281,16 @@ def test_cli_bad_input_fails_before_any_weight_is_read(tiny_weights, good_files,
     files[flag] = _corrupt(kind, tmp_path, good_files)
     argv = [*(x for pair in files.items() for x in (pair[0], str(pair[1]))), "--out", str(tmp_path / "o.mp4"),
             "--weights", str(tiny_weights), "--device", "cpu", "--quiet"]
-    _WATCHED.append(str(tiny_weights))
-    _SEEN.clear()
+    WATCHED.append(str(tiny_weights))
+    SEEN.clear()
     try:
         t0 = time.perf_counter()
         rc = cli.main(argv)
         seconds = time.perf_counter() - t0
     finally:
-        _WATCHED.clear()
+        WATCHED.clear()
     err = capsys.readouterr().err
     assert rc == 2 and err == message + "\n", err
     assert seconds < 2.0, f"took {seconds:.2f} s"
-    assert not called and not _SEEN, (called, _SEEN)
+    assert not called and not SEEN, (called, SEEN)
     assert not (tmp_path / "o.mp4").exists()

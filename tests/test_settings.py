@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import os
 import re
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from file_audit import SEEN, WATCHED  # tests/ is on sys.path for test modules
 from infinitetalk import build, download, runpod_worker, service
 from infinitetalk.pipeline import MEMORY_MODES, InfiniteTalkPipeline
 from infinitetalk.settings import KNOWN_VARIABLES, MB, Settings, SettingsError, WorkerSettings
@@ -47,18 +47,6 @@ IDS = [next(iter(set(env) - set(BUCKET)), "INFINITETALK_OUTPUT_BUCKET") for env,
 
 #: A variable name (not a pattern such as ``INFINITETALK_S3_*``).
 NAME = re.compile(r"INFINITETALK_[A-Z0-9_]*[A-Z0-9](?![A-Z0-9_])")
-_WATCHED: list[str] = []  # folders nothing may list or open while a test runs
-_SEEN: list[str] = []
-
-
-def _audit(event: str, args: tuple) -> None:
-    if _WATCHED and event in ("open", "os.listdir", "os.scandir") and args and isinstance(args[0], (str, Path)):
-        path = os.path.abspath(os.fspath(args[0]))
-        if any(path.startswith(folder) for folder in _WATCHED):
-            _SEEN.append(f"{event} {path}")
-
-
-sys.addaudithook(_audit)
 
 
 @pytest.fixture
@@ -86,13 +74,13 @@ def untouchable(monkeypatch, tmp_path):
     monkeypatch.setattr(InfiniteTalkPipeline, "from_pretrained", staticmethod(forbidden("from_pretrained")))
     monkeypatch.setattr(torch.cuda, "is_available", forbidden("torch.cuda.is_available"))
     monkeypatch.setattr(torch.cuda, "device_count", forbidden("torch.cuda.device_count"))
-    _WATCHED.append(str(weights))
-    _SEEN.clear()
+    WATCHED.append(str(weights))
+    SEEN.clear()
     try:
         yield SimpleNamespace(weights=weights, file=tmp_path / "a-file", called=called)
     finally:
-        _WATCHED.clear()
-    assert not called and not _SEEN, (called, _SEEN)
+        WATCHED.clear()
+    assert not called and not SEEN, (called, SEEN)
 
 
 def _typo_env(env: dict, folder) -> dict:
