@@ -1,5 +1,6 @@
-"""One audit hook for the tests that prove a folder is never opened or listed (e.g. the weights
-before an input or a setting is refused): add the folder to ``WATCHED``, read ``SEEN`` afterwards."""
+"""One audit hook (and ``forbidden`` loaders) for the tests that prove a folder is never opened or
+listed (e.g. the weights before an input or a setting is refused): add the folder to ``WATCHED``,
+read ``SEEN`` afterwards."""
 
 from __future__ import annotations
 
@@ -19,3 +20,11 @@ def _audit(event: str, args: tuple) -> None:
 
 
 sys.addaudithook(_audit)  # installed once per process, whichever test module imports this first
+
+
+def forbidden(called: list[str], what: str, when: str):
+    """A stand-in for a loader that must not run: records ``what`` in ``called`` and fails."""
+    def fail(*args, **kwargs):
+        called.append(what)
+        raise AssertionError(f"{what} called {when}")
+    return fail

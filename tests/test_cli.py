@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 
 from decoding import ffprobe_streams  # tests/ is on sys.path for test modules
-from file_audit import SEEN, WATCHED  # tests/ is on sys.path for test modules
+from file_audit import SEEN, WATCHED
+from file_audit import forbidden as audit_forbidden  # tests/ is on sys.path for test modules
 from infinitetalk import build, cli, download, weights
 from infinitetalk.pipeline import InfiniteTalkPipeline
 
@@ -265,10 +266,7 @@ def test_cli_bad_input_fails_before_any_weight_is_read(tiny_weights, good_files,
     called: list[str] = []
 
     def forbidden(what):
-        def fail(*args, **kwargs):
-            called.append(what)
-            raise AssertionError(f"{what} called for a bad input")
-        return fail
+        return audit_forbidden(called, what, "for a bad input")
 
     monkeypatch.setattr(build, "build_pipeline", forbidden("build_pipeline"))
     monkeypatch.setattr(InfiniteTalkPipeline, "from_pretrained", staticmethod(forbidden("from_pretrained")))

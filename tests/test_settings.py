@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from file_audit import SEEN, WATCHED  # tests/ is on sys.path for test modules
+from file_audit import SEEN, WATCHED
+from file_audit import forbidden as audit_forbidden  # tests/ is on sys.path for test modules
 from infinitetalk import build, download, runpod_worker, service
 from infinitetalk.pipeline import MEMORY_MODES, InfiniteTalkPipeline
 from infinitetalk.settings import KNOWN_VARIABLES, MB, Settings, SettingsError, WorkerSettings
@@ -63,10 +64,7 @@ def untouchable(monkeypatch, tmp_path):
     called: list[str] = []
 
     def forbidden(what):
-        def fail(*args, **kwargs):
-            called.append(what)
-            raise AssertionError(f"{what} called before the settings were checked")
-        return fail
+        return audit_forbidden(called, what, "before the settings were checked")
 
     monkeypatch.setattr(download, "ensure_weights", forbidden("ensure_weights"))
     monkeypatch.setattr(build, "build_pipeline", forbidden("build_pipeline"))
