@@ -32,6 +32,7 @@ from . import inputs
 from .buckets import choose_bucket, masks_to_latent, resize_and_centercrop, speaker_masks
 from .chunking import ChunkPlan, plan_chunks
 from .color import match_and_blend_colors
+from .compilation import compile_transformer
 from .conditioning import (
     CLIP_MEAN,
     CLIP_STD,
@@ -156,6 +157,7 @@ class InfiniteTalkPipeline:
         self.turbo = turbo  # the distilled LoRA (switchable adapter, or fused into the weights)
         self.parallel = None  # a ParallelContext once the sequence is split over several GPUs
         self.step_cache_options: dict = {}  # extra StepCacheConfig fields (the benchmark's calibration)
+        self.compiled = False  # the transformer's blocks are torch.compile'd (infinitetalk.compilation)
 
     @property
     def turbo_loaded(self) -> bool:
@@ -206,8 +208,7 @@ class InfiniteTalkPipeline:
         # turbo-only server, the deltas are in the weights and cost nothing at run time.
         turbo = TurboLoRA.load(transformer, lora_path, fuse=fuse_turbo) if lora_path is not None else None
         apply_memory_mode(transformer, memory_mode, device, dtype)
-        if compile:
-            compile_transformer(transformer)
+        compiled = compile and compile_transformer(transformer)
         t0 = time.perf_counter()
         vae = AutoencoderKLWan.from_pretrained(paths.base / "vae", torch_dtype=vae_dtype).to(device).eval()
         # In offload mode UMT5-XXL (11 GB) runs on the CPU: prompts are encoded once and cached.
@@ -226,6 +227,7 @@ class InfiniteTalkPipeline:
         pipe = cls(transformer, vae, text_encoder, tokenizer, image_encoder, audio_encoder, device=device,
                    dtype=dtype, clip_size=size, clip_mean=mean, clip_std=std, multi_weights=paths.multi, turbo=turbo)
         pipe.load_timings = timings
+        pipe.compiled = bool(compiled)
         logger.info("loaded InfiniteTalk on %s (%s): %s", device, dtype,
                     ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
         return pipe
@@ -731,16 +733,6 @@ def quantize_fp8(transformer) -> int:
 
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=blocks_linear)
     return count
-
-
-def compile_transformer(transformer) -> bool:
-    """Regional ``torch.compile`` of the repeated blocks (compiled once, reused by all 40)."""
-    try:
-        transformer.compile_repeated_blocks(dynamic=False)
-        return True
-    except Exception as exc:  # compile is an optimisation: never fail the server for it
-        logger.warning("torch.compile unavailable, running eager: %s", exc)
-        return False
 
 
 class _NoVideo:

@@ -686,7 +686,10 @@ class InfiniteTalkTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, 
                 f"{n_t * n_h * n_w} video tokens ({n_t} frames of {n_h}x{n_w}) cannot be split evenly over "
                 f"{dist.get_world_size(shard_group)} GPUs; choose a size whose token count is divisible by it"
             )
-        rotary_emb = self.rope(hidden_states)  # split along the tokens under context parallelism
+        # Split along the tokens under context parallelism. Cloned: the tables are views of a
+        # [frames, h, w, Dh] tensor, and the compiled blocks would be guarded on that base's strides,
+        # recompiling for every new height/width pair instead of once (infinitetalk/compilation.py).
+        rotary_emb = tuple(t.clone() for t in self.rope(hidden_states))
         hidden_states = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
         hidden_states = self.sequence_split(hidden_states)  # [B, L, D], or this rank's [B, L / W, D]
         shard = None

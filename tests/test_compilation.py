@@ -1,0 +1,139 @@
+"""Compile as the server does it: every compile counted and logged with its cause, automatic dynamic
+shapes (at most one recompile per variant for a new size, none after), no silent eager fallback,
+and the setup warm-up that leaves nothing to compile at the warmed size."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+import make_tiny_weights as mtw
+from infinitetalk import compilation
+from infinitetalk.settings import Settings, SettingsError, parse_warmup
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                              reason="inductor on the CPU needs a C compiler")
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x, mask=None):
+        y = self.linear(x).relu()
+        return y if mask is None else y * mask
+
+
+@pytest.fixture
+def fresh_dynamo():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    limit = torch._dynamo.config.recompile_limit
+    yield compilation.install()
+    torch._dynamo.config.recompile_limit = limit
+    torch._dynamo.reset()
+
+
+def _delta(before: dict) -> dict:
+    after = compilation.compile_stats()
+    return {k: round(after[k] - before[k], 2) for k in ("compiles", "recompiles", "eager_fallbacks")}
+
+
+@needs_cc
+def test_compiles_are_counted_and_logged_with_their_cause(fresh_dynamo, caplog):
+    block = _Block()
+    block.compile(dynamic=compilation.DYNAMIC)
+    before = compilation.compile_stats()
+    with caplog.at_level(logging.INFO, logger="infinitetalk.compile"):
+        block(torch.randn(2, 4, 8))
+        block(torch.randn(2, 4, 8))  # same shape: nothing new
+        assert _delta(before) == {"compiles": 1, "recompiles": 0, "eager_fallbacks": 0}
+        block(torch.randn(2, 6, 8))  # a new size: one recompile, sizes now symbolic
+        block(torch.randn(2, 9, 8))  # any further size: served by that graph
+        block(torch.randn(2, 13, 8))
+        assert _delta(before) == {"compiles": 2, "recompiles": 1, "eager_fallbacks": 0}
+        block(torch.randn(2, 4, 8), torch.ones(1))  # another variant (a mask): one more graph
+    assert _delta(before) == {"compiles": 3, "recompiles": 2, "eager_fallbacks": 0}
+    lines = [r.getMessage() for r in caplog.records if "recompiled" in r.getMessage()]
+    assert len(lines) == 2
+    assert "size mismatch at index 1. expected 4, actual 6" in lines[0]
+    assert "mask is None" in lines[1]
+
+
+@needs_cc
+def test_hitting_the_recompile_limit_is_an_error_not_silent(fresh_dynamo, caplog):
+    import torch._dynamo
+
+    block = _Block()
+    block.compile(dynamic=False)  # one graph per size
+    torch._dynamo.config.recompile_limit = 2
+    before = compilation.compile_stats()
+    with caplog.at_level(logging.ERROR, logger="infinitetalk.compile"):
+        for n in (3, 4, 5, 6):
+            out = block(torch.randn(1, n, 8))
+            assert out.shape == (1, n, 8)  # still correct, only uncompiled
+    assert _delta(before)["eager_fallbacks"] >= 1
+    assert any("runs uncompiled" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+
+
+def test_the_server_raises_the_recompile_limit_above_its_variants(fresh_dynamo):
+    import torch._dynamo
+
+    assert torch._dynamo.config.recompile_limit >= compilation.RECOMPILE_LIMIT >= 16
+
+
+def test_warmup_setting():
+    assert parse_warmup(None) is None and parse_warmup("auto") is None
+    assert parse_warmup("off") == ()
+    assert parse_warmup("640x640, 832x480") == ((640, 640), (832, 480))
+    for bad in ("640", "640x641", "32x32", "big", "640x640,"):
+        with pytest.raises(SettingsError, match="INFINITETALK_WARMUP must be auto, off or sizes"):
+            parse_warmup(bad)
+    assert Settings.from_env({"INFINITETALK_WARMUP": "512x512"}).warmup == ((512, 512),)
+    auto = Settings.from_env({})
+    assert auto.warmup_sizes(compiled=True) == (None,) and auto.warmup_sizes(compiled=False) == ()
+    assert Settings.from_env({"INFINITETALK_WARMUP": "off"}).warmup_sizes(compiled=True) == ()
+
+
+@pytest.mark.slow
+@needs_cc
+def test_served_pipeline_compiles_in_setup_and_not_at_the_warmed_size(fresh_dynamo, tiny_weights, make_speech,
+                                                                      portrait, tmp_path):
+    """load_pipeline as the servers call it (compile on, warm-up of one explicit size): the warm-up
+    compiles both modes; requests at that size in either mode compile nothing; a new size costs one
+    recompile, further sizes none; nothing falls back to eager."""
+    from infinitetalk import service
+
+    lora = mtw.write_turbo_lora(tmp_path / "lora")
+    settings = Settings(weights=tiny_weights, turbo_lora=lora, compile=True, warmup=((64, 64),))
+    start = compilation.compile_stats()
+    logs: list[str] = []
+    pipe = service.load_pipeline(settings, log=logs.append)
+    assert pipe.compiled and pipe.turbo_loaded
+    warm = [line for line in logs if line.startswith("warm-up: 64x64")]
+    assert len(warm) == 2, logs  # exact and turbo
+    in_setup = _delta(start)
+    assert in_setup["compiles"] >= 2 and in_setup["eager_fallbacks"] == 0, in_setup
+    after_setup = compilation.compile_stats()
+    speech = make_speech(1.0)
+
+    def run(width, height, turbo):
+        inputs = dict(image=str(portrait), audio=str(speech), width=width, height=height, turbo=turbo, steps=1,
+                      seed=1)
+        service.run_job(pipe, inputs, tmp_path / f"{width}x{height}-{turbo}", log=lambda m: None,
+                        show_progress=False)
+
+    run(64, 64, True)
+    run(64, 64, False)
+    assert _delta(after_setup) == {"compiles": 0, "recompiles": 0, "eager_fallbacks": 0}
+    run(96, 64, True)  # a new width: one recompile (the turbo graph, now with symbolic sizes)
+    assert _delta(after_setup) == {"compiles": 1, "recompiles": 1, "eager_fallbacks": 0}
+    before = compilation.compile_stats()
+    run(128, 96, True)  # another width and height: that graph serves it
+    run(96, 128, True)
+    assert _delta(before) == {"compiles": 0, "recompiles": 0, "eager_fallbacks": 0}
