@@ -203,6 +203,12 @@ def load_pipeline(settings: Settings | None = None, log: Callable[[str], None] =
     log(f"setup: loaded InfiniteTalk from {weights} on {placement(pipe)} in "
         f"{time.perf_counter() - t0:.1f}s (weights check/download {t_fetch:.1f}s; "
         + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if isinstance(v, (int, float))) + ")")
+    sizes = settings.warmup_sizes(bool(getattr(pipe, "compiled", False)))
+    if sizes:  # compile before the first request, not inside it (infinitetalk/compilation.py)
+        from .compilation import compile_stats, warm_up
+
+        seconds = warm_up(pipe, sizes, log=log)
+        log(f"setup: warm-up done in {seconds:.1f}s ({compile_stats()['compiles']} graph(s) compiled)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     return pipe

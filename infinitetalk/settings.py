@@ -18,6 +18,10 @@ in :class:`WorkerSettings`):
 ``INFINITETALK_COMPILE``        1 (default): regional torch.compile on CUDA; 0: eager
 ``INFINITETALK_FUSE_TURBO``     1: fold the turbo LoRA into the weights (a turbo-only server); default 0
 ``INFINITETALK_NUM_GPUS``       ``auto`` (default: every visible GPU, lowered to 1, 2, 4 or 8), 1, 2, 4, 8
+``INFINITETALK_WARMUP``         sizes compiled and run once in the servers' setup, so no request waits
+                                for a compile there: ``auto`` (default: the 480p bucket of a square
+                                image, 640x640, when the transformer is compiled), ``off``, or
+                                ``WxH[,WxH...]`` (multiples of 16, 64..2048); each in every mode served
 ==============================  ==================================================================
 
 This module imports no torch: reading the settings takes milliseconds.
@@ -44,10 +48,11 @@ ENV_INPUT_MAX_MB = "INFINITETALK_INPUT_MAX_MB"
 ENV_INPUT_TIMEOUT_S = "INFINITETALK_INPUT_TIMEOUT_S"
 ENV_INLINE_MAX_MB = "INFINITETALK_INLINE_MAX_MB"
 ENV_PROGRESS_INTERVAL_S = "INFINITETALK_PROGRESS_INTERVAL_S"
+ENV_WARMUP = "INFINITETALK_WARMUP"
 
 #: Every ``INFINITETALK_*`` variable the code reads; any other one is refused as a likely typo.
 KNOWN_VARIABLES = (
-    ENV_WEIGHTS, ENV_MEMORY_MODE, ENV_COMPILE, ENV_FUSE_TURBO, ENV_NUM_GPUS,
+    ENV_WEIGHTS, ENV_MEMORY_MODE, ENV_COMPILE, ENV_FUSE_TURBO, ENV_NUM_GPUS, ENV_WARMUP,
     ENV_INPUT_MAX_MB, ENV_INPUT_TIMEOUT_S, ENV_INLINE_MAX_MB, ENV_PROGRESS_INTERVAL_S,
     *storage.ENV_VARS, download.ENV_WAN_REVISION, download.ENV_TURBO_REVISION,
 )
@@ -69,6 +74,24 @@ def check_num_gpus(num_gpus: int, available: int | None = None) -> None:
                             f"counts of all size buckets split evenly over them), got {num_gpus}")
     if available is not None and num_gpus > available:
         raise SettingsError(f"num_gpus is {num_gpus} but only {available} GPU(s) are visible")
+
+
+def parse_warmup(raw: str | None) -> tuple[tuple[int, int], ...] | None:
+    """``INFINITETALK_WARMUP``: None for ``auto`` (or unset), ``()`` for ``off``, else the ``(width,
+    height)`` pairs of ``WxH[,WxH...]``."""
+    text = (raw or "").strip().lower()
+    if text in ("", "auto"):
+        return None
+    if text in ("off", "0", "none"):
+        return ()
+    sizes = []
+    for item in text.split(","):
+        w, _, h = item.strip().partition("x")
+        if not (w.isdigit() and h.isdigit() and all(64 <= int(v) <= 2048 and int(v) % 16 == 0 for v in (w, h))):
+            raise SettingsError(f"{ENV_WARMUP} must be auto, off or sizes WxH[,WxH...] with width and height "
+                                f"multiples of 16 in 64..2048 (e.g. 640x640,832x480); got {raw!r}")
+        sizes.append((int(w), int(h)))
+    return tuple(sizes)
 
 
 def check_known(env: Mapping[str, str]) -> None:
@@ -125,6 +148,7 @@ class Settings:
     attention_backend: str | None = None
     storage: StorageConfig | None = None
     check_bucket: bool = True
+    warmup: tuple[tuple[int, int], ...] | None = None  # None: auto (see warmup_sizes)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
 
     def __post_init__(self) -> None:
@@ -158,7 +182,15 @@ class Settings:
         storage.check_required(config, storage.bucket_required(env))
         return cls(weights=weights, memory_mode=memory_mode, compile=None if compile_on_cuda else False,
                    fuse_turbo=fuse_turbo, num_gpus=None if num_gpus == "auto" else int(num_gpus),
-                   storage=config, check_bucket=storage.bucket_check(env), worker=WorkerSettings.from_env(env))
+                   storage=config, check_bucket=storage.bucket_check(env), warmup=parse_warmup(env.get(ENV_WARMUP)),
+                   worker=WorkerSettings.from_env(env))
+
+    def warmup_sizes(self, compiled: bool) -> tuple:
+        """The sizes :func:`infinitetalk.compilation.warm_up` runs in setup: ``auto`` warms the 480p
+        square bucket (``None``) when the transformer is compiled, nothing otherwise."""
+        if self.warmup is None:
+            return (None,) if compiled else ()
+        return self.warmup
 
 
 __all__ = [
@@ -170,6 +202,7 @@ __all__ = [
     "ENV_MEMORY_MODE",
     "ENV_NUM_GPUS",
     "ENV_PROGRESS_INTERVAL_S",
+    "ENV_WARMUP",
     "ENV_WEIGHTS",
     "KNOWN_VARIABLES",
     "MB",
@@ -181,4 +214,5 @@ __all__ = [
     "WorkerSettings",
     "check_known",
     "check_num_gpus",
+    "parse_warmup",
 ]
