@@ -14,6 +14,7 @@ Usage:
     python scripts/benchmark.py parallel --ref /tmp/ref.pt        # one GPU: reference outputs, times
     torchrun --nproc-per-node 2 scripts/benchmark.py parallel --ref /tmp/ref.pt
     python scripts/benchmark.py lora --variants fp8   # turbo LoRA adapter on/off, fused, none (compiled)
+    python scripts/benchmark.py served --plan main --scratch /data/bench   # as served: Predictor.setup()/run()
 Results: a table on stdout and a JSON list of records (``--json PATH``).
 """
 
@@ -109,8 +110,9 @@ def _forward_sweep(args, model, env, layers, variant, refs) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="InfiniteTalk GPU benchmark")
-    ap.add_argument("what", choices=["forward", "chunk", "approx", "memory", "setup", "parallel", "lora"])
+    ap.add_argument("what", choices=["forward", "chunk", "approx", "memory", "setup", "parallel", "lora", "served"])
     ap.add_argument("--scratch", default="/tmp/infinitetalk-setup-bench", help="setup: where to write weights")
+    ap.add_argument("--plan", default="main", help="served: which servers and predictions (bench_served.PLANS)")
     ap.add_argument("--resolutions", default="480p", type=lambda s: s.split(","))
     ap.add_argument("--backends", default="_native_cudnn", type=lambda s: s.split(","))
     ap.add_argument("--speakers", default="1", type=lambda s: [int(x) for x in s.split(",")])
@@ -167,6 +169,10 @@ def main(argv=None) -> int:
         from bench_lora import bench_lora
 
         records = bench_lora(args)
+    elif args.what == "served":  # the Cog predictor's own setup() and run(), full-size weights on disk
+        from bench_served import bench_served
+
+        records = bench_served(args)
     elif args.what == "memory":
         from bench_memory import bench_memory
 
