@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 import wave
+import weakref
 import zlib
 from pathlib import Path
 
@@ -564,16 +565,21 @@ class _Boom(Exception):
 @pytest.mark.parametrize("error", [_Boom, _Cancelled])
 def test_video_writer_exception_mid_video_aborts_at_once(tmp_path: Path, error: type[BaseException]) -> None:
     """An exception (or a BaseException: cancellation) with a full queue that ffmpeg could never encode
-    (stopped): the queued frames are dropped, nothing waits for them, nothing is left behind."""
-    batch = _frames(20)
+    (stopped): the queued frames are dropped (freed, though the writer lives on), nothing waits for
+    them, nothing is left behind."""
+    batches = [_frames(20), _frames(20)]
+    freed = [weakref.ref(b) for b in batches]
     with pytest.raises(error):
-        with VideoWriter(tmp_path / "x.mp4", 64, 48, queue_bytes=2 * batch.nbytes) as writer:
+        with VideoWriter(tmp_path / "x.mp4", 64, 48, queue_bytes=2 * batches[0].nbytes) as writer:
             os.kill(writer.pid, signal.SIGSTOP)
-            writer.write(batch)
-            writer.write(batch)
+            for batch in batches:
+                writer.write(batch)
+            del batches, batch
+            assert all(ref() is not None for ref in freed)  # held by the writer
             start = time.monotonic()
             raise error()
     assert time.monotonic() - start < 5.0
+    assert all(ref() is None for ref in freed)
     assert list(tmp_path.iterdir()) == []
     assert not _writer_threads() and not _ffmpeg_children()
     assert writer._proc.returncode is not None
