@@ -36,6 +36,7 @@ import threading
 import warnings
 import wave
 import weakref
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -616,14 +617,119 @@ class VideoFrameReader:
 # --------------------------------------------------------------------------- writing video
 
 
+#: Most bytes of frames a :class:`VideoWriter` holds for its encoder thread: the arrays queued plus the one being
+#: piped into ffmpeg. Two pipeline chunks of 81 frames at 960x960 or 1280x720 (224 MB each; five at 480p); a
+#: single larger write is still taken, once nothing else is pending.
+WRITER_QUEUE_BYTES = 512 * 2**20
+#: Seconds abort() and the finalizer wait for the writer thread after ffmpeg was killed (it ends at once).
+_JOIN_TIMEOUT_S = 30.0
+
+
+class _FrameFeeder:
+    """The writer thread of one :class:`VideoWriter`: pipes the arrays it is given into ffmpeg's stdin, in order.
+
+    :meth:`put` returns as soon as the array is queued and blocks only while the frames held (queued
+    plus the array being piped) would exceed ``limit`` bytes, so memory stays bounded however long
+    the video is. An error of the pipe (ffmpeg exited, broken pipe) ends the thread and is kept in
+    :attr:`error` for the writer to report. The feeder holds no reference to its VideoWriter, so a
+    writer dropped without close() is still collected and its finalizer can stop the thread.
+    """
+
+    def __init__(self, stdin: IO[bytes], limit: int, name: str) -> None:
+        self._stdin = stdin
+        self._limit = limit
+        self._cond = threading.Condition()
+        self._queue: deque[np.ndarray] = deque()
+        self._bytes = 0
+        self._closing = False  # no more arrays: the thread ends once the queue is empty
+        self._stopped = False  # abort: queued arrays are dropped, the thread ends after its current write
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, arr: np.ndarray) -> bool:
+        """Queue a C-contiguous array (kept, not copied); False if the thread has ended (error or stop)."""
+        with self._cond:
+            while self._bytes and self._bytes + arr.nbytes > self._limit and self.error is None and not self._stopped:
+                self._cond.wait()
+            if self.error is not None or self._stopped:
+                return False
+            self._queue.append(arr)
+            self._bytes += arr.nbytes
+            self._cond.notify_all()
+            return True
+
+    def drain(self) -> None:
+        """Wait until every queued array is piped (a failure or stop() empties the queue too)."""
+        with self._cond:
+            while self._queue:
+                self._cond.wait()
+
+    def finish(self) -> None:
+        """Wait until every queued array is piped (or the thread failed)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def stop(self) -> None:
+        """Drop the queue and let the thread end; its write in progress ends when ffmpeg is killed."""
+        with self._cond:
+            self._stopped = True
+            self._queue.clear()
+            self._bytes = 0
+            self._cond.notify_all()
+
+    def join(self) -> None:
+        """Wait for the thread after :meth:`stop` (and killing ffmpeg)."""
+        if self._thread is threading.current_thread():  # a finalizer run by the garbage collector in this thread
+            return
+        self._thread.join(_JOIN_TIMEOUT_S)
+        if self._thread.is_alive():  # pragma: no cover - a killed ffmpeg always breaks the pipe
+            logger.error("video writer thread did not end within %.0f s", _JOIN_TIMEOUT_S)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing and not self._stopped:
+                    self._cond.wait()
+                if self._stopped or not self._queue:
+                    return
+                arr = self._queue[0]
+            try:
+                self._stdin.write(memoryview(arr).cast("B"))
+            except BaseException as exc:  # noqa: BLE001 - reported by the writer's next write() or close()
+                with self._cond:
+                    if not self._stopped:
+                        self.error = exc
+                    self._queue.clear()
+                    self._bytes = 0
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                if self._queue and self._queue[0] is arr:  # else stop() dropped the queue meanwhile
+                    self._queue.popleft()
+                    self._bytes -= arr.nbytes
+                self._cond.notify_all()
+            del arr  # the frames are freed now, not when the next array arrives
+
+
 class VideoWriter:
     """Encode RGB frames to H.264 MP4 with one running ffmpeg, optionally muxing an audio file as AAC.
 
-    Frames go to ffmpeg's stdin as raw rgb24; the output is written to a hidden
-    temporary file next to ``path`` and renamed on a successful :meth:`close`,
-    so ``path`` never holds a partial video. :meth:`abort` kills ffmpeg and
-    removes the partial file. As a context manager it closes on success and
-    aborts on any exception (including KeyboardInterrupt / cancellation).
+    Encoding runs off the caller's thread: :meth:`write` queues the array and returns, and a writer
+    thread pipes the queued frames into ffmpeg's stdin as raw rgb24. The array is kept, not copied,
+    until it is piped: do not modify it after handing it over. The queue holds at most
+    ``queue_bytes`` of frames (queued plus being piped; one larger write is taken when nothing else
+    is pending); :meth:`write` blocks while it is full, so memory stays bounded for any length. An
+    encoder failure (ffmpeg exited, broken pipe, disk full) is raised by the next :meth:`write` or
+    by :meth:`close` as :class:`MediaToolError`, with ffmpeg's stderr in the log.
+
+    The output is written to a hidden temporary file next to ``path`` and renamed on a successful
+    :meth:`close` (which first waits for the queue to drain), so ``path`` never holds a partial
+    video. :meth:`abort` drops the queued frames, kills ffmpeg, ends the thread and removes the
+    partial file; so does the finalizer of a writer dropped without close(). As a context manager it
+    closes on success and aborts on any exception (including KeyboardInterrupt / cancellation).
 
     ``audio_path`` should already be trimmed to ``num_frames / fps``; the
     output is additionally cut with ``-shortest`` and, if given, ``-t duration``.
@@ -642,6 +748,7 @@ class VideoWriter:
         duration: float | None = None,
         preset: str = DEFAULT_PRESET,
         audio_bitrate: str = DEFAULT_AUDIO_BITRATE,
+        queue_bytes: int = WRITER_QUEUE_BYTES,
     ) -> None:
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"VideoWriter needs a positive even width and height for yuv420p, got {width}x{height}")
@@ -649,11 +756,13 @@ class VideoWriter:
             raise ValueError(f"fps must be positive, got {fps!r}")
         if not 0 <= crf <= 51:
             raise ValueError(f"crf must be in 0..51, got {crf}")
+        if queue_bytes <= 0:
+            raise ValueError(f"queue_bytes must be positive, got {queue_bytes}")
         if audio_path is not None and not Path(audio_path).is_file():
             raise FileNotFoundError(f"audio file {audio_path} does not exist")
         self.path = Path(path)
         self.width, self.height, self.fps = width, height, fps
-        self.frames_written = 0
+        self.frames_written = 0  # frames handed over by write() (queued or already piped)
         self._tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}.{id(self):x}.partial")
         self._stderr = tempfile.TemporaryFile()
         self._lock = threading.Lock()
@@ -664,7 +773,9 @@ class VideoWriter:
         self._proc: subprocess.Popen[bytes] = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr
         )
-        self._finalizer = weakref.finalize(self, VideoWriter._cleanup, self._proc, self._tmp_path)
+        assert self._proc.stdin is not None
+        self._feeder = _FrameFeeder(self._proc.stdin, queue_bytes, name=f"VideoWriter {self.path.name}")
+        self._finalizer = weakref.finalize(self, VideoWriter._cleanup, self._feeder, self._proc, self._tmp_path)
 
     def _command(
         self, crf: int, preset: str, audio_path: PathLike | None, audio_bitrate: str, duration: float | None
@@ -684,12 +795,21 @@ class VideoWriter:
         return cmd
 
     @staticmethod
-    def _cleanup(proc: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    def _cleanup(feeder: _FrameFeeder, proc: subprocess.Popen[bytes], tmp_path: Path) -> None:
+        """Stop the thread and ffmpeg, remove the partial file (abort, and the finalizer of a dropped writer)."""
+        feeder.stop()
+        if proc.poll() is None:
+            proc.kill()  # breaks the pipe under a write in progress
+        feeder.join()
         _kill(proc)
         tmp_path.unlink(missing_ok=True)
 
     def write(self, frames: np.ndarray) -> None:
-        """Append frames: uint8 array [N, H, W, 3] (or one frame [H, W, 3])."""
+        """Queue frames for encoding: uint8 array [N, H, W, 3] (or one frame [H, W, 3]).
+
+        Returns once the array is queued (blocks while the queue is full). The array is kept until
+        it is piped to ffmpeg: the caller must not modify it afterwards.
+        """
         if self._done:
             raise RuntimeError("VideoWriter is already closed")
         arr = np.asarray(frames)
@@ -701,46 +821,66 @@ class VideoWriter:
             )
         if arr.shape[0] == 0:
             return
-        assert self._proc.stdin is not None
-        try:
-            self._proc.stdin.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
-        except (BrokenPipeError, OSError) as exc:
-            self._proc.wait()
-            log = _read_tail(self._stderr)
-            logger.error("ffmpeg exited while encoding %s (rc %s): %s", self.path, self._proc.returncode, log)
-            self.abort()
-            rc = self._proc.returncode
-            raise MediaToolError(f"video encoder stopped unexpectedly (ffmpeg exit code {rc})") from exc
+        if not self._feeder.put(np.ascontiguousarray(arr)):
+            self._raise_failure()
         self.frames_written += arr.shape[0]
 
+    def flush(self) -> None:
+        """Wait until every frame written so far is piped into ffmpeg (which may still be encoding the
+        last of them); MediaToolError if the encoder failed."""
+        self._feeder.drain()
+        if self._feeder.error is not None:
+            self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        """The writer thread ended early: abort and raise the encoder's error (its stderr goes to the log)."""
+        error = self._feeder.error
+        if error is None:  # stopped by abort(), from another thread
+            raise MediaToolError("the video writer was aborted; no output was written")
+        try:
+            self._proc.wait(timeout=10)  # the pipe broke: ffmpeg is exiting
+        except subprocess.TimeoutExpired:
+            pass
+        logger.error("ffmpeg exited while encoding %s (rc %s): %s", self.path, self._proc.returncode,
+                     _read_tail(self._stderr))
+        self.abort()
+        rc = self._proc.returncode
+        raise MediaToolError(f"video encoder stopped unexpectedly (ffmpeg exit code {rc})") from error
+
     def close(self) -> Path:
-        """Finish encoding, wait for ffmpeg, move the file into place; MediaToolError on failure."""
+        """Wait for the queued frames, finish encoding, move the file into place; MediaToolError on failure."""
         with self._lock:
             if self._aborted:
                 raise MediaToolError("the video writer was aborted; no output was written")
             if self._done:
                 return self.path
             self._done = True
-        if self.frames_written == 0:
-            self._abort_now()
-            raise MediaToolError("no frames were written to the video")
-        assert self._proc.stdin is not None
         try:
-            self._proc.stdin.close()
-        except OSError:
-            pass
-        rc = self._proc.wait()
-        if rc != 0 or not self._tmp_path.is_file():
-            logger.error("ffmpeg failed writing %s (rc %s): %s", self.path, rc, _read_tail(self._stderr))
+            if self.frames_written == 0:
+                raise MediaToolError("no frames were written to the video")
+            self._feeder.finish()
+            if self._feeder.error is not None:
+                self._raise_failure()
+            assert self._proc.stdin is not None
+            try:
+                self._proc.stdin.close()
+            except OSError:
+                pass
+            rc = self._proc.wait()
+            if rc != 0 or not self._tmp_path.is_file():
+                logger.error("ffmpeg failed writing %s (rc %s): %s", self.path, rc, _read_tail(self._stderr))
+                raise MediaToolError(f"video encoding failed (ffmpeg exit code {rc})")
+            os.replace(self._tmp_path, self.path)
+        except BaseException:  # also an interrupt while waiting for the encoder: nothing may be left behind
             self._abort_now()
-            raise MediaToolError(f"video encoding failed (ffmpeg exit code {rc})")
-        os.replace(self._tmp_path, self.path)
+            raise
         self._stderr.close()
         self._finalizer.detach()
         return self.path
 
     def abort(self) -> None:
-        """Kill ffmpeg and delete the partial output (safe to call more than once)."""
+        """Drop the queued frames, kill ffmpeg, end the thread, delete the partial output (safe to call
+        more than once, and from another thread)."""
         with self._lock:
             self._done = True
             self._aborted = True
@@ -748,8 +888,7 @@ class VideoWriter:
 
     def _abort_now(self) -> None:
         self._aborted = True
-        _kill(self._proc)
-        self._tmp_path.unlink(missing_ok=True)
+        VideoWriter._cleanup(self._feeder, self._proc, self._tmp_path)
         if not self._stderr.closed:
             self._stderr.close()
         self._finalizer.detach()
@@ -805,6 +944,7 @@ __all__ = [
     "MediaToolError",
     "VideoFrameReader",
     "VideoWriter",
+    "WRITER_QUEUE_BYTES",
     "check_duration",
     "load_image",
     "probe",

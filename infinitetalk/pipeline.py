@@ -4,9 +4,11 @@ The algorithm is the official one (``SPEC.md`` section 4): 81-frame chunks at 25
 later chunk conditioned on the last 9 decoded (colour-corrected) frames of the previous one
 through 3 clean context latents; Euler flow matching with the shifted schedule; 3-NFE text +
 audio CFG (or 2-NFE audio CFG when the text scale is 1); optional APG. What differs on purpose:
-frames stream into one ffmpeg encoder chunk by chunk (memory does not grow with length), there
-is no length cap unless asked, short audio works, V2V follows the source at any fps, and text,
-CLIP and the first-frame condition are computed once per video where they do not change.
+frames stream into one ffmpeg encoder chunk by chunk, from the video writer's own thread, so the
+next chunk samples while the last one is encoded (its bounded queue keeps memory from growing
+with length); there is no length cap unless asked, short audio works, V2V follows the source at
+any fps, and text, CLIP and the first-frame condition are computed once per video where they do
+not change.
 """
 
 from __future__ import annotations
@@ -486,14 +488,23 @@ class InfiniteTalkPipeline:
         return video
 
     def _emit(self, writer, job: _Job, k: int, video: torch.Tensor) -> None:
-        """Write the chunk's new frames (chunk 0 whole, later chunks without their context frames),
-        cut at the video's length. Only rank 0 encodes."""
+        """Hand the chunk's new frames (chunk 0 whole, later chunks without their context frames), cut
+        at the video's length, to the encoder. Only rank 0 encodes.
+
+        The frames are copied to the CPU as uint8 here, on the main thread: that copy waits for the
+        decode anyway, and the fresh array it gives is owned by the writer's queue alone (nothing on
+        the GPU that the next chunk overwrites is referenced). The writer's thread then pipes them to
+        ffmpeg while the next chunk samples; ``write`` blocks only when the writer's queue is full
+        (``media.WRITER_QUEUE_BYTES``). ``timings["write_per_chunk"]``: seconds this took per chunk.
+        """
         new = video[0] if k == 0 else video[0, :, job.plan.motion_frames_per_chunk[k]:]
         keep = min(new.shape[1], job.total_frames - job.frames_done)
         if keep <= 0:
             return
         if self.parallel is None or self.parallel.is_main:
+            t0 = time.perf_counter()
             writer.write(frames_to_uint8(new[:, :keep]))
+            job.timings.setdefault("write_per_chunk", []).append(time.perf_counter() - t0)
         job.frames_done += keep
 
     def _open_writer(self, out_path: Path, job: _Job):

@@ -6,20 +6,27 @@ All inputs are generated in tmp dirs (Pillow, numpy, ffmpeg). Needs ffmpeg/ffpro
 from __future__ import annotations
 
 import dataclasses
+import gc
+import hashlib
 import io
+import os
 import shutil
+import signal
 import struct
 import subprocess
+import threading
 import time
 import wave
+import weakref
 import zlib
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
-from decoding import ffprobe_streams  # tests/ is on sys.path for test modules
+from decoding import decode_frames, ffprobe_streams  # tests/ is on sys.path for test modules
 from infinitetalk.errors import InputError
 from infinitetalk.media import (
     DEFAULT_MAX_PIXELS,
@@ -465,6 +472,161 @@ def test_video_writer_validates_arguments(tmp_path: Path) -> None:
             writer.write(np.zeros((1, 40, 64, 3), np.uint8))
         writer.write(_frames(2))
     assert (tmp_path / "o.mp4").exists()
+
+
+def _writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("VideoWriter")]
+
+
+def _ffmpeg_children() -> list[psutil.Process]:
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "ffmpeg" in child.name() and child.status() != psutil.STATUS_ZOMBIE:
+                out.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _returns_within(seconds: float, fn, *args) -> bool:
+    """Run ``fn(*args)`` in a helper thread: whether it returned within ``seconds`` (it may go on running)."""
+    thread = threading.Thread(target=fn, args=args, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive()
+
+
+def _wait_until(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_video_writer_write_does_not_wait_for_the_encoder_and_blocks_when_full(tmp_path: Path) -> None:
+    """With ffmpeg stopped (no frame is encoded), writes return while the queue has room, and the
+    next one waits once the queue holds ``queue_bytes``: the encoder is off the caller's path and
+    memory stays bounded. Resumed, every frame arrives in order."""
+    dark, bright = np.full((20, 48, 64, 3), 40, np.uint8), np.full((20, 48, 64, 3), 200, np.uint8)
+    assert dark.nbytes > 65536  # more than a pipe holds: a synchronous write could not return
+    out = tmp_path / "queued.mp4"
+    writer = VideoWriter(out, 64, 48, queue_bytes=2 * dark.nbytes)
+    os.kill(writer.pid, signal.SIGSTOP)
+    try:
+        assert _returns_within(2.0, writer.write, dark)
+        assert _returns_within(2.0, writer.write, bright)  # held: one being piped, one queued
+        third = threading.Thread(target=writer.write, args=(dark,), daemon=True)
+        third.start()
+        third.join(1.0)
+        assert third.is_alive(), "the queue is full: write() must wait for the encoder"
+        assert writer.frames_written == 40
+    finally:
+        os.kill(writer.pid, signal.SIGCONT)
+    third.join(30)
+    assert not third.is_alive() and writer.frames_written == 60
+    writer.close()
+    levels = np.frombuffer(decode_frames(out), np.uint8).reshape(60, -1).mean(axis=1)
+    assert np.allclose(levels, [40] * 20 + [200] * 20 + [40] * 20, atol=2), levels
+    assert not _writer_threads()
+
+
+@pytest.mark.parametrize("reported_by", ["write", "close"])
+def test_video_writer_encoder_death_mid_stream_is_clear(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, reported_by: str
+) -> None:
+    out = tmp_path / "died.mp4"
+    writer = VideoWriter(out, 64, 48)
+    writer.write(_frames(20))
+    writer.flush()
+    os.kill(writer.pid, signal.SIGKILL)
+    assert _wait_until(lambda: psutil.Process(writer.pid).status() == psutil.STATUS_ZOMBIE)
+    writer.write(_frames(20))  # queued: the thread finds the broken pipe
+    with pytest.raises(MediaToolError) as err:
+        if reported_by == "write":
+            assert _wait_until(lambda: not _writer_threads())
+            writer.write(_frames(1))
+        else:
+            writer.close()
+    assert str(err.value) == "video encoder stopped unexpectedly (ffmpeg exit code -9)"
+    assert any("ffmpeg exited while encoding" in r.getMessage() for r in caplog.records)
+    assert list(tmp_path.iterdir()) == []
+    assert not _writer_threads() and not _ffmpeg_children()
+    with pytest.raises(MediaToolError, match="aborted"):
+        writer.close()
+
+
+class _Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [_Boom, _Cancelled])
+def test_video_writer_exception_mid_video_aborts_at_once(tmp_path: Path, error: type[BaseException]) -> None:
+    """An exception (or a BaseException: cancellation) with a full queue that ffmpeg could never encode
+    (stopped): the queued frames are dropped (freed, though the writer lives on), nothing waits for
+    them, nothing is left behind."""
+    batches = [_frames(20), _frames(20)]
+    freed = [weakref.ref(b) for b in batches]
+    with pytest.raises(error):
+        with VideoWriter(tmp_path / "x.mp4", 64, 48, queue_bytes=2 * batches[0].nbytes) as writer:
+            os.kill(writer.pid, signal.SIGSTOP)
+            for batch in batches:
+                writer.write(batch)
+            del batches, batch
+            assert all(ref() is not None for ref in freed)  # held by the writer
+            start = time.monotonic()
+            raise error()
+    assert time.monotonic() - start < 5.0
+    assert all(ref() is None for ref in freed)
+    assert list(tmp_path.iterdir()) == []
+    assert not _writer_threads() and not _ffmpeg_children()
+    assert writer._proc.returncode is not None
+
+
+def test_video_writer_dropped_without_close_cleans_up(tmp_path: Path) -> None:
+    """The thread holds no reference to the writer: dropping it runs the finalizer, which stops the
+    thread and ffmpeg (stopped, with frames queued) and removes the partial file."""
+    batch = _frames(20)
+    writer = VideoWriter(tmp_path / "dropped.mp4", 64, 48, queue_bytes=2 * batch.nbytes)
+    os.kill(writer.pid, signal.SIGSTOP)
+    writer.write(batch)
+    writer.write(batch)
+    assert _writer_threads() and _ffmpeg_children()
+    start = time.monotonic()
+    del writer
+    gc.collect()
+    assert time.monotonic() - start < 5.0
+    assert not _writer_threads() and not _ffmpeg_children()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_video_writer_output_is_the_synchronous_encoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes of every shape through a small queue (blocking, one write larger than the queue, a
+    non-contiguous array) give the very file ffmpeg makes from the same frames piped in one go."""
+    commands: list[list[str]] = []
+    command = VideoWriter._command
+
+    def recording(self: VideoWriter, *args: object) -> list[str]:
+        commands.append(command(self, *args))  # type: ignore[arg-type]
+        return commands[-1]
+
+    monkeypatch.setattr(VideoWriter, "_command", recording)
+    frames = _frames(60)
+    wav = write_wav(tmp_path / "a.wav", 0.3 * np.sin(np.arange(16000 * 60 // 25) / 7).astype(np.float32), 16000)
+    out = tmp_path / "threaded.mp4"
+    with VideoWriter(out, 64, 48, audio_path=wav, duration=60 / 25, queue_bytes=3 * frames[0].nbytes) as writer:
+        writer.write(frames[0])  # one frame [H, W, 3]
+        for a, b in ((1, 3), (3, 10), (10, 11)):
+            writer.write(frames[a:b])
+        writer.write(np.asfortranarray(frames[11:30]))  # not C-contiguous, larger than the queue
+        writer.write(frames[30:60])
+    reference = [*commands[0][:-1], str(tmp_path / "reference.mp4")]
+    subprocess.run(reference, input=frames.tobytes(), check=True)
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (out, tmp_path / "reference.mp4")]
+    assert digest[0] == digest[1]
+    assert ffprobe_streams(out)["video"]["nb_frames"] == 60
 
 
 def test_write_wav_roundtrip(tmp_path: Path) -> None:

@@ -11,18 +11,21 @@ Cost: 64x64, 1-2 steps; about 4 s per 81-frame chunk on 2 CPU cores.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import soundfile as sf
 
 from decoding import decode_frames, ffprobe_streams  # noqa: E402  (tests/ is on sys.path for test modules)
 from infinitetalk import pipeline as pipeline_mod
 from infinitetalk.errors import InputError
-from infinitetalk.media import VideoFrameReader
+from infinitetalk.media import VideoFrameReader, VideoWriter
 from infinitetalk.pipeline import GenerationRequest, InfiniteTalkPipeline
 
 pytestmark = [
@@ -101,6 +104,78 @@ def test_single_speaker_image(single_run, speech5):
     assert (result.width, result.height, result.fps, result.seed) == (SIZE, SIZE, FPS, 1234)
     assert result.duration == pytest.approx(result.num_frames / FPS)
     assert not list(out.parent.glob(".*partial")), "temporary encoder output left behind"
+    assert len(result.timings["write_per_chunk"]) == result.num_chunks
+
+
+def _writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("VideoWriter")]
+
+
+def _ffmpeg_children() -> list[psutil.Process]:
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "ffmpeg" in child.name() and child.status() != psutil.STATUS_ZOMBIE:
+                out.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_threaded_encoding_gives_the_synchronous_bytes(pipe, portrait, speech5, single_run, tmp_path, monkeypatch):
+    """The same request with every chunk piped into ffmpeg before sampling goes on (the synchronous
+    encoding of before) gives the very same file as the writer thread did."""
+    flushed = []
+    write = VideoWriter.write
+
+    def synchronous(self, frames):
+        write(self, frames)
+        self.flush()
+        flushed.append(len(frames))
+
+    monkeypatch.setattr(VideoWriter, "write", synchronous)
+    out = tmp_path / "synchronous.mp4"
+    pipe.generate(request(portrait, speech5), out, show_progress=False)
+    assert flushed == [81, 44]
+    threaded, _ = single_run
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(threaded.read_bytes()).digest()
+
+
+class _Cancel(BaseException):
+    """Stands in for cog's CancelationException (a BaseException)."""
+
+
+def test_cancel_while_the_encoder_is_stuck_leaves_nothing(pipe, portrait, speech5, tmp_path):
+    """ffmpeg is stopped during chunk 0, so its frames stay queued: chunk 1 still samples (encoding is
+    off the loop's path), and cancelling there leaves no output, partial file, thread or ffmpeg."""
+    stopped: list[psutil.Process] = []
+    resumed = threading.Event()
+
+    def resume() -> None:  # a watchdog: a loop that waited for the encoder would get going again
+        resumed.set()
+        for proc in stopped:
+            proc.resume()
+
+    watchdog = threading.Timer(60, resume)
+
+    def callback(event):
+        if event.chunk == 0 and not stopped:
+            stopped.extend(_ffmpeg_children())
+            assert len(stopped) == 1
+            stopped[0].suspend()
+            watchdog.start()
+        elif event.chunk == 1:
+            raise _Cancel()
+
+    out = tmp_path / "cancelled.mp4"
+    try:
+        with pytest.raises(_Cancel):
+            pipe.generate(request(portrait, speech5, steps=1), out, callback=callback, show_progress=False)
+    finally:
+        watchdog.cancel()
+    assert stopped and not resumed.is_set()
+    assert list(tmp_path.iterdir()) == []
+    assert not _writer_threads() and not _ffmpeg_children()
 
 
 # --------------------------------------------------------------------------- 2. two speakers
