@@ -81,7 +81,9 @@ def fetch_input(name: str, value: Any, dest_dir: str | os.PathLike, *, max_bytes
     text = value.strip()
     scheme = urlparse(text).scheme.lower()
     if scheme == "data":
-        path = folder / name
+        # Not a bare word, so that errors name it "the <name> input" (inputs.name_inputs); no extension: files
+        # are recognised by their content.
+        path = folder / f"{name}-data-url"
         path.write_bytes(decode_data_url(name, text, max_bytes))
         return path
     if scheme not in ("http", "https"):
