@@ -9,7 +9,8 @@ stops the worker here with one line), then every model is loaded once. Each job:
    names, defaults, ranges and messages) before anything is downloaded;
 2. file inputs (``image``, ``audio``, ``audio_2``) are http(s) URLs, fetched with the SDK's
    SSRF-safe client (public addresses only, redirects re-checked) under a size and a time limit,
-   or ``data:`` URLs (base64); anything else (``file://``, a local path, ``s3://``) is refused;
+   or ``data:`` URLs (base64); anything else (``file://``, a local path, ``s3://``) is refused
+   (:mod:`infinitetalk.jobs`, shared with the Modal endpoint);
 3. :func:`infinitetalk.service.run_job` probes the files, then generates the MP4 in the job's
    temporary folder, reporting progress through ``runpod.serverless.progress_update`` (chunks done,
    seconds of video) and in the log (plain ``chunk 1/3, step 2/4`` lines: no terminal bars);
@@ -31,10 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -42,103 +41,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote_to_bytes, urlparse
 
 from . import service
 from .errors import GenerationCancelled, InputError
+from .jobs import decode_data_url, fetch_input, result_fields, run_input_job, size_text, upload_fields
 from .settings import MB, Settings, SettingsError, WorkerConfigError, WorkerSettings
 from .storage import S3Storage, StorageError, open_storage
 
 logger = logging.getLogger(__name__)
-
-# ----------------------------------------------------------------------------------------------
-# Input files
-# ----------------------------------------------------------------------------------------------
-
-
-def _size(n: int) -> str:
-    return f"{n / MB:g} MB" if n >= MB else f"{n} bytes"
-
-
-def _shown(value: str, limit: int = 80) -> str:
-    return repr(value if len(value) <= limit else value[:limit] + "...")
-
-
-def _suffix(url_path: str) -> str:
-    suffix = Path(unquote_to_bytes(url_path).decode("utf-8", "replace")).suffix.lower()
-    return suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else ""
-
-
-def decode_data_url(name: str, url: str, max_bytes: int) -> bytes:
-    """``data:[<mime>][;base64],<data>`` -> bytes, refusing more than ``max_bytes``."""
-    head, sep, payload = url.partition(",")
-    if not sep:
-        raise InputError(f"the {name} input is not a valid data URL (no ',' after the media type)")
-    is_base64 = head.lower().endswith(";base64")
-    estimate = len(payload) * 3 // 4 if is_base64 else len(payload)
-    if estimate > max_bytes:
-        raise InputError(f"the {name} input is larger than the limit of {_size(max_bytes)}")
-    try:
-        data = base64.b64decode(payload, validate=True) if is_base64 else unquote_to_bytes(payload)
-    except (binascii.Error, ValueError):
-        raise InputError(f"the {name} input is not valid base64 in its data URL") from None
-    if len(data) > max_bytes:
-        raise InputError(f"the {name} input is larger than the limit of {_size(max_bytes)}")
-    return data
-
-
-def fetch_input(name: str, value: Any, dest_dir: str | os.PathLike, *, max_bytes: int, timeout_s: float,
-                should_stop: Callable[[], bool] | None = None) -> Path:
-    """A job's file input (http(s) URL or data URL) -> a local file in ``dest_dir/inputs``.
-
-    URLs are fetched with the SDK's SSRF-safe client (``runpod.serverless.utils.rp_ssrf``: public
-    addresses only unless ``RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS=1``, every redirect re-checked) and
-    read under ``max_bytes`` and a ``timeout_s`` wall-clock deadline. Raises InputError naming the input.
-    """
-    folder = Path(dest_dir) / "inputs"
-    folder.mkdir(parents=True, exist_ok=True)
-    if not isinstance(value, str):
-        raise InputError(f"{name} must be an http(s) URL or a data: URL, got {value!r}")
-    text = value.strip()
-    scheme = urlparse(text).scheme.lower()
-    if scheme == "data":
-        path = folder / name
-        path.write_bytes(decode_data_url(name, text, max_bytes))
-        return path
-    if scheme not in ("http", "https"):
-        raise InputError(f"{name} must be an http(s) URL or a data: URL, got {_shown(text)}")
-
-    import requests
-    from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, safe_get
-
-    path = folder / (name + _suffix(urlparse(text).path))
-    deadline = time.monotonic() + timeout_s
-    try:
-        response = safe_get(text, stream=True, timeout=max(1, min(30, int(timeout_s))), max_bytes=max_bytes)
-        with response:
-            if response.status_code >= 400:
-                raise InputError(f"could not download the {name} input: HTTP {response.status_code} from "
-                                 f"{urlparse(text).hostname}")
-            with open(path, "wb") as f:
-                for block in iter_content_capped(response, 1024 * 1024, max_bytes):
-                    f.write(block)
-                    if time.monotonic() > deadline:
-                        raise InputError(f"the {name} input took longer than {timeout_s:g} s to download")
-                    if should_stop is not None and should_stop():
-                        raise GenerationCancelled("the job was cancelled")
-    except SSRFError as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else "blocked"
-        if "size cap" in reason:
-            raise InputError(f"the {name} input is larger than the limit of {_size(max_bytes)}") from None
-        if "could not resolve" in reason or "no addresses" in reason:
-            raise InputError(f"could not download the {name} input: {reason}") from None
-        raise InputError(f"the {name} input URL is not allowed ({reason})") from None
-    except requests.RequestException as exc:
-        reason = type(exc).__name__ if not str(exc) else str(exc).splitlines()[0][:200]
-        raise InputError(f"could not download the {name} input from {urlparse(text).hostname}: {reason}") from None
-    return path
-
 
 # ----------------------------------------------------------------------------------------------
 # The handler
@@ -221,27 +131,20 @@ class RunPodWorker:
                 last_sent[0] = now
                 self.progress(job, {k: v for k, v in snapshot.items() if k != "chunk_finished"})
 
-        def fetch(name: str, value: Any, workdir: Path) -> Path:
-            return fetch_input(name, value, jobdir, max_bytes=settings.input_max_bytes,
-                               timeout_s=settings.input_timeout_s, should_stop=should_stop)
-
         t0 = time.perf_counter()
-        result = service.run_job(self.pipe, job.get("input"), jobdir / "run", fetch=fetch, on_progress=on_progress,
-                                 should_stop=should_stop, log=self.log)
-        out = {"seed": result.result.seed, "duration": round(result.result.duration, 3),
-               "frames": result.result.num_frames, "width": result.result.width, "height": result.result.height,
-               "chunks": result.result.num_chunks, "metrics": dict(result.metrics)}
+        result = run_input_job(self.pipe, job.get("input"), jobdir, settings, should_stop=should_stop,
+                               on_progress=on_progress, log=self.log)
+        out = result_fields(result)
         size = result.path.stat().st_size
         if self.storage is not None:
             upload = self.storage.upload(result.path, job_id=job_id)
-            out.update(video_url=upload.url, storage="s3", bucket=upload.bucket, key=upload.key, bytes=upload.size,
-                       sha256=upload.sha256, expires_in=upload.expires_in)
+            out.update(upload_fields(upload))
             self.log(f"job {job_id}: uploaded {upload.size} bytes to {upload.key}")
         elif size <= settings.inline_max_bytes:
             out.update(video_url="data:video/mp4;base64," + base64.b64encode(result.path.read_bytes()).decode(),
                        storage="inline", bytes=size)
         else:
-            raise StorageError(f"the video is {_size(size)}, more than the {_size(settings.inline_max_bytes)} "
+            raise StorageError(f"the video is {size_text(size)}, more than the {size_text(settings.inline_max_bytes)} "
                                "that can be returned inline: configure an output bucket (INFINITETALK_OUTPUT_BUCKET)")
         out["seconds"] = round(time.perf_counter() - t0, 2)
         return out

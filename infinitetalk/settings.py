@@ -24,6 +24,7 @@ in :class:`WorkerSettings`):
                                 ``WxH[,WxH...]`` (multiples of 16, 64..2048); each in every mode served
 ==============================  ==================================================================
 
+The Modal app's deploy-time choices (``modal_app.py``) are :class:`ModalSettings`.
 This module imports no torch: reading the settings takes milliseconds.
 """
 
@@ -31,12 +32,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import download, storage
-from .envvars import PREFIX, SettingsError, env_choice, env_flag, env_number
+from .envvars import PREFIX, SettingsError, env_choice, env_flag, env_number, env_text
 from .storage import StorageConfig
 
 ENV_WEIGHTS = download.ENV_WEIGHTS
@@ -49,12 +51,18 @@ ENV_INPUT_TIMEOUT_S = "INFINITETALK_INPUT_TIMEOUT_S"
 ENV_INLINE_MAX_MB = "INFINITETALK_INLINE_MAX_MB"
 ENV_PROGRESS_INTERVAL_S = "INFINITETALK_PROGRESS_INTERVAL_S"
 ENV_WARMUP = "INFINITETALK_WARMUP"
+ENV_MODAL_APP = "INFINITETALK_MODAL_APP"
+ENV_MODAL_GPU = "INFINITETALK_MODAL_GPU"
+ENV_MODAL_VOLUME = "INFINITETALK_MODAL_VOLUME"
+ENV_MODAL_TIMEOUT_S = "INFINITETALK_MODAL_TIMEOUT_S"
+ENV_MODAL_MAX_CONTAINERS = "INFINITETALK_MODAL_MAX_CONTAINERS"
+MODAL_VARIABLES = (ENV_MODAL_APP, ENV_MODAL_GPU, ENV_MODAL_VOLUME, ENV_MODAL_TIMEOUT_S, ENV_MODAL_MAX_CONTAINERS)
 
 #: Every ``INFINITETALK_*`` variable the code reads; any other one is refused as a likely typo.
 KNOWN_VARIABLES = (
     ENV_WEIGHTS, ENV_MEMORY_MODE, ENV_COMPILE, ENV_FUSE_TURBO, ENV_NUM_GPUS, ENV_WARMUP,
     ENV_INPUT_MAX_MB, ENV_INPUT_TIMEOUT_S, ENV_INLINE_MAX_MB, ENV_PROGRESS_INTERVAL_S,
-    *storage.ENV_VARS, download.ENV_WAN_REVISION, download.ENV_TURBO_REVISION,
+    *storage.ENV_VARS, download.ENV_WAN_REVISION, download.ENV_TURBO_REVISION, *MODAL_VARIABLES,
 )
 
 #: ``auto`` (resolved when the pipeline is built) and the pipeline's memory modes.
@@ -62,6 +70,14 @@ MEMORY_MODES = ("auto", "none", "fp8", "offload")
 #: GPU counts that split all 40 heads and every bucket's token count evenly.
 SUPPORTED_NUM_GPUS = (1, 2, 4, 8)
 MB = 1024 * 1024
+
+#: Modal's GPU types as its ``gpu=`` takes them (any case; https://modal.com/docs/guide/gpu); a count
+#: (``H100:2``) must be one of :data:`SUPPORTED_NUM_GPUS`, as every GPU holds the whole model.
+MODAL_GPU_TYPES = ("T4", "L4", "A10", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "RTX-PRO-6000", "H100",
+                   "H100!", "H200", "B200", "B200+")
+#: Modal's rule for App and Volume names (modal._utils.name_utils.is_valid_object_name).
+_MODAL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_MODAL_APP_ID = re.compile(r"ap-[A-Za-z0-9]{22}")
 
 #: The name the RunPod worker's settings errors had; the same class.
 WorkerConfigError = SettingsError
@@ -126,6 +142,70 @@ class WorkerSettings:
                    progress_interval_s=float(env_number(env, ENV_PROGRESS_INTERVAL_S, 5, 0, 3600)))
 
 
+def check_modal_gpu(value: str, name: str = "gpu") -> str:
+    """``value`` as Modal's ``gpu=`` takes it (``H100``, ``a100-80gb:2``), upper-cased; else one line naming
+    ``name``."""
+    kind, sep, count = str(value).strip().partition(":")
+    if kind.upper() not in MODAL_GPU_TYPES or (sep and count not in map(str, SUPPORTED_NUM_GPUS)):
+        raise SettingsError(f"{name} must be a Modal GPU type ({', '.join(MODAL_GPU_TYPES)}), optionally with "
+                            f":2, :4 or :8 for that many GPUs; got {value!r}")
+    return kind.upper() + (f":{count}" if sep and count != "1" else "")
+
+
+def check_modal_name(value: str, name: str) -> str:
+    """A Modal App or Volume name: 1 to 64 letters, digits, ``-``, ``_`` or ``.``, not an App id."""
+    value = str(value).strip()
+    if not _MODAL_NAME.fullmatch(value) or _MODAL_APP_ID.fullmatch(value):
+        raise SettingsError(f"{name} must be 1 to 64 letters, digits, '-', '_' or '.' (a Modal name); got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModalSettings:
+    """The deploy-time choices of ``modal_app.py`` (read when ``modal deploy`` imports it):
+    ``INFINITETALK_MODAL_APP`` (App name, default ``infinitetalk``), ``INFINITETALK_MODAL_GPU`` (GPU type per
+    container, default ``H100``: 80 GB runs the default memory mode), ``INFINITETALK_MODAL_VOLUME`` (the Volume
+    that keeps the weights, default ``infinitetalk-weights``, created when missing),
+    ``INFINITETALK_MODAL_TIMEOUT_S`` (longest request, and longest start-up, which downloads the weights into an
+    empty Volume; default 3600, at most 86400) and ``INFINITETALK_MODAL_MAX_CONTAINERS`` (most GPU containers at
+    once, default 1; more requests wait in Modal's queue)."""
+
+    app_name: str = "infinitetalk"
+    gpu: str = "H100"
+    volume: str = "infinitetalk-weights"
+    timeout_s: int = 3600
+    max_containers: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "app_name", check_modal_name(self.app_name, "app_name"))
+        object.__setattr__(self, "gpu", check_modal_gpu(self.gpu))
+        object.__setattr__(self, "volume", check_modal_name(self.volume, "volume"))
+        if not (isinstance(self.timeout_s, int) and 60 <= self.timeout_s <= 86_400):
+            raise SettingsError(f"timeout_s must be a whole number of seconds from 60 to 86400, got {self.timeout_s!r}")
+        if not (isinstance(self.max_containers, int) and 1 <= self.max_containers <= 1000):
+            raise SettingsError(f"max_containers must be a whole number from 1 to 1000, got {self.max_containers!r}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ModalSettings:
+        env = os.environ if env is None else env
+        text = {name: env_text(env, name) for name in (ENV_MODAL_APP, ENV_MODAL_GPU, ENV_MODAL_VOLUME)}
+        return cls(
+            app_name=check_modal_name(text[ENV_MODAL_APP] or cls.app_name, ENV_MODAL_APP),
+            gpu=check_modal_gpu(text[ENV_MODAL_GPU] or cls.gpu, ENV_MODAL_GPU),
+            volume=check_modal_name(text[ENV_MODAL_VOLUME] or cls.volume, ENV_MODAL_VOLUME),
+            timeout_s=int(env_number(env, ENV_MODAL_TIMEOUT_S, cls.timeout_s, 60, 86_400, integer=True,
+                                     unit="seconds")),
+            max_containers=int(env_number(env, ENV_MODAL_MAX_CONTAINERS, cls.max_containers, 1, 1000, integer=True)))
+
+
+def server_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ``INFINITETALK_*`` settings of ``env`` (default ``os.environ``) for a server started elsewhere (a
+    Modal container): every known one that is set, except ``INFINITETALK_WEIGHTS`` (a local path here; the
+    server has its own). Call :meth:`Settings.from_env` first: it refuses unknown names and bad values."""
+    env = os.environ if env is None else env
+    return {name: env[name] for name in KNOWN_VARIABLES if name != ENV_WEIGHTS and env_text(env, name) is not None}
+
+
 @dataclass(frozen=True)
 class Settings:
     """How to load the pipeline and serve it.  The defaults are the servers' (= ``from_env({})``).
@@ -150,6 +230,7 @@ class Settings:
     check_bucket: bool = True
     warmup: tuple[tuple[int, int], ...] | None = None  # None: auto (see warmup_sizes)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    modal: ModalSettings = field(default_factory=ModalSettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", Path(self.weights))
@@ -183,7 +264,7 @@ class Settings:
         return cls(weights=weights, memory_mode=memory_mode, compile=None if compile_on_cuda else False,
                    fuse_turbo=fuse_turbo, num_gpus=None if num_gpus == "auto" else int(num_gpus),
                    storage=config, check_bucket=storage.bucket_check(env), warmup=parse_warmup(env.get(ENV_WARMUP)),
-                   worker=WorkerSettings.from_env(env))
+                   worker=WorkerSettings.from_env(env), modal=ModalSettings.from_env(env))
 
     def warmup_sizes(self, compiled: bool) -> tuple:
         """The sizes :func:`infinitetalk.compilation.warm_up` runs in setup: ``auto`` warms the 480p
@@ -200,6 +281,11 @@ __all__ = [
     "ENV_INPUT_MAX_MB",
     "ENV_INPUT_TIMEOUT_S",
     "ENV_MEMORY_MODE",
+    "ENV_MODAL_APP",
+    "ENV_MODAL_GPU",
+    "ENV_MODAL_MAX_CONTAINERS",
+    "ENV_MODAL_TIMEOUT_S",
+    "ENV_MODAL_VOLUME",
     "ENV_NUM_GPUS",
     "ENV_PROGRESS_INTERVAL_S",
     "ENV_WARMUP",
@@ -207,12 +293,18 @@ __all__ = [
     "KNOWN_VARIABLES",
     "MB",
     "MEMORY_MODES",
+    "MODAL_GPU_TYPES",
+    "MODAL_VARIABLES",
     "SUPPORTED_NUM_GPUS",
+    "ModalSettings",
     "Settings",
     "SettingsError",
     "WorkerConfigError",
     "WorkerSettings",
     "check_known",
+    "check_modal_gpu",
+    "check_modal_name",
     "check_num_gpus",
     "parse_warmup",
+    "server_env",
 ]

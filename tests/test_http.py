@@ -2,9 +2,10 @@
 
 One server for the module, on loopback, with the tiny weights. Covers: sync prediction with
 data-URL inputs and a data-URL MP4 output whose logs are plain lines (no carriage returns or
-terminal codes), schema validation (422), a failing input with a clear message, an async
-prediction cancelled mid-denoising (webhook ``completed`` with ``canceled``, no temp files left),
-and an async prediction after it that succeeds (webhook ``completed``).
+terminal codes), schema validation (422), a failing input with a clear message, a second prediction
+sent while one runs (409 "At capacity", not queued; the first completes, a later one succeeds), an
+async prediction cancelled mid-denoising (webhook ``completed`` with ``canceled``, no temp files
+left), and an async prediction after it that succeeds (webhook ``completed``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ PREDICT_TIMEOUT_S = 300.0
 #: twice (its predict_worker, then its PredictionError's Display) and the exception type's __qualname__
 #: (predict.py names its user-facing errors "invalid input" and "cannot generate"). Fixed: cannot be removed.
 COG_PREFIX = "Prediction failed: Prediction failed: "
+#: cog 0.23.1's answer, with HTTP 409, to a prediction sent while its one slot is busy (coglet's create-prediction
+#: route, CreatePredictionError::AtCapacity; the same for sync and async POSTs and a PUT with a new id). The
+#: prediction is refused, not queued: a direct client must send it again later.
+AT_CAPACITY = {"error": "At capacity - all prediction slots busy", "status": "failed"}
+FINAL = ("canceled", "failed", "succeeded")
 #: A carriage return or any ANSI/VT100 escape sequence (tqdm's bars move the cursor with ESC[A).
 TERMINAL_CODES = re.compile(r"\r|\x1b")
 
@@ -78,13 +84,16 @@ class WebhookReceiver:
 
     def __init__(self) -> None:
         self.events: queue.Queue[dict] = queue.Queue()
-        events = self.events
+        self.received: list[dict] = []  # every event ever received, of any prediction (wait_for drops others)
+        events, received = self.events, self.received
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
                 length = int(self.headers.get("Content-Length") or 0)
                 try:
-                    events.put(json.loads(self.rfile.read(length) or b"{}"))
+                    event = json.loads(self.rfile.read(length) or b"{}")
+                    received.append(event)
+                    events.put(event)
                 finally:
                     self.send_response(200)
                     self.end_headers()
@@ -269,6 +278,51 @@ def test_invalid_input_fails_with_a_clear_message(server, inputs):
     assert body["status"] == "failed" and "Traceback" not in body["error"], body
     # cog's temporary file name (tmp....png) is replaced by the input's name.
     assert body["error"] == COG_PREFIX + "invalid input: the audio input has no audio stream", body["error"]
+
+
+def test_a_second_prediction_while_one_runs_gets_409_and_is_not_queued(server, inputs, webhook, tmp_path):
+    """One prediction at a time per server (run() is synchronous: cog gives it one slot). While it runs, a new
+    prediction is refused at once with 409 and cog's body, whatever the form (sync, async, PUT with a new id); it is
+    not queued and never runs. The running prediction is not disturbed, and the server takes the next one after."""
+    steps = 60  # 1 chunk x 60 steps: many seconds of denoising on 2 cores, against milliseconds for the refusals
+    status, body = _predict(server, {"id": "runs-first", "input": _tiny(inputs, steps=steps), "webhook": webhook.url},
+                            headers={"Prefer": "respond-async"})
+    assert status == 202, body
+    # No fixed sleep: wait until the first prediction is processing (its webhook carries a denoising step's log line).
+    running, seen = webhook.wait_for("runs-first", lambda ev: ev.get("status") == "processing"
+                                     and f"chunk 1/1, step 1/{steps}" in (ev.get("logs") or ""), PREDICT_TIMEOUT_S)
+    assert running is not None, (seen[-1:] if seen else None, server.log_tail())
+    status, health = _request("GET", server.url + "/health-check")
+    assert status == 200 and health["status"] == "BUSY", health
+
+    for pred_id, method, path, headers in (("refused-sync", "POST", "/predictions", None),
+                                           ("refused-async", "POST", "/predictions", {"Prefer": "respond-async"}),
+                                           ("refused-put", "PUT", "/predictions/refused-put",
+                                            {"Prefer": "respond-async"})):
+        second = {"id": pred_id, "input": _tiny(inputs), "webhook": webhook.url}
+        status, answer = _request(method, server.url + path, second, headers)
+        assert (status, answer) == (409, AT_CAPACITY), (pred_id, status, answer)
+
+    # The first prediction runs to the end, all its steps, and its video is whole.
+    done, seen = webhook.wait_for("runs-first", lambda ev: ev.get("status") in FINAL, PREDICT_TIMEOUT_S)
+    assert done is not None and done["status"] == "succeeded", (done and done.get("error"), server.log_tail())
+    assert done["metrics"]["denoising_steps"] == steps and done["metrics"]["chunks"] == 1, done["metrics"]
+    out = tmp_path / "first.mp4"
+    out.write_bytes(base64.b64decode(done["output"].split(",", 1)[1]))
+    info = ffprobe_streams(out)
+    assert info["video"]["codec"] == "h264" and info["audio"]["codec"] == "aac"
+    assert abs(info["format_duration"] - 1.2) <= 0.04 + 1e-3, info
+
+    # Free again: the health check says READY (cog frees the slot a moment after the prediction ends), and the
+    # next prediction is taken and succeeds.
+    deadline = time.monotonic() + 10.0
+    while (health := _request("GET", server.url + "/health-check")[1])["status"] != "READY":
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+    status, body = _predict(server, {"input": _tiny(inputs)})
+    assert status == 200 and body["status"] == "succeeded", (body.get("error"), server.log_tail())
+    # The refused predictions never ran: no webhook ever came for them (they were not queued).
+    assert [ev for ev in webhook.received if str(ev.get("id", "")).startswith("refused")] == []
 
 
 def test_cancel_mid_denoising_then_next_prediction_succeeds(server, inputs, webhook):

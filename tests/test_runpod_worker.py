@@ -235,6 +235,8 @@ def test_invalid_jobs_fail_with_the_predictor_messages(worker, files):
         (_tiny(image="/etc/hostname", audio=speech), "image must be an http(s) URL or a data: URL"),
         (_tiny(image=server.url + "/missing.png", audio=speech), "could not download the image input: HTTP 404"),
         (_tiny(image=server.url + "/face.png", audio=server.url + "/face.png"), "the audio input has no audio stream"),
+        (_tiny(image=server.url + "/face.png", audio=data_url(folder / "face.png", "audio/wav")),
+         "the audio input has no audio stream"),
         ({"audio": speech}, "image is required"),
     ]
     ids = [(worker.run(job), message) for job, message in cases]
