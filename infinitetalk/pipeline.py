@@ -169,8 +169,9 @@ class InfiniteTalkPipeline:
 
     def enable_sequence_parallel(self, context) -> None:
         """Split the transformer's tokens over the ranks of ``context`` (:mod:`infinitetalk.parallel`);
-        every rank then runs :meth:`generate` with the same request, rank 0 writes the video."""
-        enable_sequence_parallel(self.transformer, context.world_size)
+        every rank then runs :meth:`generate` with the same request, rank 0 writes the video. Called
+        again with a new group's context (the workers were restarted), the split moves to that group."""
+        enable_sequence_parallel(self.transformer, context)
         self.parallel = context
 
     # ------------------------------------------------------------------ loading
