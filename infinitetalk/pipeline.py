@@ -155,6 +155,7 @@ class InfiniteTalkPipeline:
         self._prompt_cache: dict[str, tuple[torch.Tensor, bool]] = {}
         self.turbo = turbo  # the distilled LoRA (switchable adapter, or fused into the weights)
         self.parallel = None  # a ParallelContext once the sequence is split over several GPUs
+        self.tmp_dir: str | None = None  # where generate() makes its temporary folder (None: the system's)
         self.step_cache_options: dict = {}  # extra StepCacheConfig fields (the benchmark's calibration)
 
     @property
@@ -296,7 +297,7 @@ class InfiniteTalkPipeline:
         request = request.resolved()
         request.validate()
         try:
-            with tempfile.TemporaryDirectory(prefix="infinitetalk-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="infinitetalk-", dir=self.tmp_dir) as tmp:
                 return self._generate(request, Path(output_path), Path(tmp), callback, show_progress)
         except torch.OutOfMemoryError as exc:
             # The traceback's frames hold every tensor of the failed run: clear them so the memory goes
