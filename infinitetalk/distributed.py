@@ -114,6 +114,19 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def abort() -> None:
+    """Make this rank's collectives that wait on dead peers fail now (kill the peers first).
+
+    gloo needs nothing more: its collectives fail as soon as a peer's socket closes (measured on
+    the CPU: a killed peer fails rank 0's pending all-reduce within milliseconds, while aborting
+    the group leaves it blocked). NCCL kernels never notice a dead peer and would spin until the
+    collective timeout, so its communicators are aborted, which also leaves the group
+    (``destroy_process_group`` would wait for those kernels to finish).
+    """
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()
+
+
 @contextlib.contextmanager
 def _accelerator_count_for_cpu():
     """diffusers 0.42 picks the rank's device as ``rank % torch.accelerator.device_count()``, which
@@ -176,6 +189,7 @@ def check_token_split(height: int, width: int, frames_latent: int, world_size: i
 __all__ = [
     "ParallelContext",
     "SUPPORTED_NUM_GPUS",
+    "abort",
     "check_num_gpus",
     "check_token_split",
     "enable_sequence_parallel",
