@@ -3,8 +3,8 @@
 The GPU runs (NCCL, full-size model) are in BENCHMARKS.md; here the same code paths run with
 tiny weights: the transformer split with diffusers' context parallelism (shard boundaries inside
 latent frames, one and two speakers, the step cache), the CLI under ``torchrun``, the CLI with
-``--num-gpus`` (spawned worker ranks) and the multi-GPU pipeline's agreement on cancellation and
-on input errors.
+``--num-gpus`` (spawned worker ranks), the multi-GPU pipeline's agreement on cancellation and on
+input errors, and its recovery from a worker killed or stopped in the middle of a job.
 """
 
 from __future__ import annotations
