@@ -40,10 +40,10 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a worker may go without finishing a denoising step during a job before it is taken as
 #: hung. The longest honest gap is the first step of a job: preparing the inputs (seconds), the
-#: regional compile of the blocks at a new size (about a minute) and one step, which at 720p is up
-#: to 3 forwards of about 12 s each on one H200 (less when split; several times more with block
-#: offloading on smaller GPUs). Ten minutes leaves a wide margin and still ends a hung job three
-#: times sooner than the 30-minute collective timeout.
+#: regional compile of the blocks for a new size or mode (a minute or more; "minutes" for fp8,
+#: BENCHMARKS.md) and one step, which at 720p is up to 3 forwards of about 12 s each on one H200
+#: (less when split; several times more with block offloading on smaller GPUs). Ten minutes leaves
+#: a margin and still ends a hung job three times sooner than the 30-minute collective timeout.
 HANG_TIMEOUT_S = 600.0
 
 
