@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from .errors import GenerationCancelled, InputError
 from .settings import SUPPORTED_NUM_GPUS, check_num_gpus
@@ -40,6 +41,7 @@ class ParallelContext:
     rank: int
     world_size: int
     device: torch.device
+    mesh: Any = None  # the (ring 1, ulysses N) DeviceMesh the transformer's tokens are split over
 
     @property
     def is_main(self) -> bool:
@@ -76,7 +78,12 @@ def usable_num_gpus(wanted: int | None = None) -> int:
 
 
 def init_distributed(rank: int, world_size: int, device_type: str, init_method: str = "env://") -> ParallelContext:
-    """Join the process group (NCCL on GPUs, gloo on the CPU) as ``rank``."""
+    """Join the process group (NCCL on GPUs, gloo on the CPU) as ``rank``.
+
+    The device mesh of the token split is made here too, while every rank joins: the groups it
+    needs are then in place before any rank loads its weights, and splitting a transformer later
+    (:func:`enable_sequence_parallel`) waits for no other rank.
+    """
     if device_type == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -86,7 +93,9 @@ def init_distributed(rank: int, world_size: int, device_type: str, init_method: 
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=_COLLECTIVE_TIMEOUT)
-    return ParallelContext(rank, world_size, device)
+    mesh = init_device_mesh(device_type, (1, world_size), mesh_dim_names=("ring", "ulysses"))
+    mesh["ring", "ulysses"]._flatten()  # the group diffusers splits over (it flattens the mesh the same way)
+    return ParallelContext(rank, world_size, device, mesh)
 
 
 def init_from_env() -> ParallelContext | None:
@@ -105,6 +114,19 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def abort() -> None:
+    """Make this rank's collectives that wait on dead peers fail now (kill the peers first).
+
+    gloo needs nothing more: its collectives fail as soon as a peer's socket closes (measured on
+    the CPU: a killed peer fails rank 0's pending all-reduce within milliseconds, while aborting
+    the group leaves it blocked). NCCL kernels never notice a dead peer and would spin until the
+    collective timeout, so its communicators are aborted, which also leaves the group
+    (``destroy_process_group`` would wait for those kernels to finish).
+    """
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()
+
+
 @contextlib.contextmanager
 def _accelerator_count_for_cpu():
     """diffusers 0.42 picks the rank's device as ``rank % torch.accelerator.device_count()``, which
@@ -121,17 +143,28 @@ def _accelerator_count_for_cpu():
         accel.device_count = original
 
 
-def enable_sequence_parallel(transformer, world_size: int) -> None:
-    """Split the transformer's token sequence over the ``world_size`` ranks of the current group
-    (diffusers context parallelism, Ulysses degree ``world_size``)."""
+def enable_sequence_parallel(transformer, context: ParallelContext) -> None:
+    """Split the transformer's token sequence over the ranks of ``context`` (diffusers context
+    parallelism, Ulysses degree ``world_size``, on the mesh made by :func:`init_distributed`).
+
+    A transformer split before, over a group that has since been left (the workers of a
+    :class:`~infinitetalk.parallel.MultiGPUPipeline` restarted), is moved to ``context``'s mesh:
+    diffusers' hooks and attention processors read the mesh from the one config they share.
+    """
     from diffusers import ContextParallelConfig
 
+    world_size = context.world_size
+    config = getattr(transformer, "_parallel_config", None)
+    if config is not None:
+        config.context_parallel_config.mesh = context.mesh
+        config.setup(context.rank, world_size, context.device, mesh=context.mesh)
+        return
     check_num_gpus(world_size)
     heads = transformer.config.num_attention_heads
     if heads % world_size:
         raise ValueError(f"{heads} attention heads cannot be split over {world_size} GPUs")
     with _accelerator_count_for_cpu():
-        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size))
+        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size, mesh=context.mesh))
 
 
 def stop_together(ctx: ParallelContext | None, error: BaseException | None) -> None:
@@ -156,6 +189,7 @@ def check_token_split(height: int, width: int, frames_latent: int, world_size: i
 __all__ = [
     "ParallelContext",
     "SUPPORTED_NUM_GPUS",
+    "abort",
     "check_num_gpus",
     "check_token_split",
     "enable_sequence_parallel",

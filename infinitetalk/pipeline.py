@@ -158,6 +158,7 @@ class InfiniteTalkPipeline:
         self._prompt_cache: dict[str, tuple[torch.Tensor, bool]] = {}
         self.turbo = turbo  # the distilled LoRA (switchable adapter, or fused into the weights)
         self.parallel = None  # a ParallelContext once the sequence is split over several GPUs
+        self.tmp_dir: str | None = None  # where generate() makes its temporary folder (None: the system's)
         self.step_cache_options: dict = {}  # extra StepCacheConfig fields (the benchmark's calibration)
         self.compiled = False  # the transformer's blocks are torch.compile'd (infinitetalk.compilation)
 
@@ -173,8 +174,9 @@ class InfiniteTalkPipeline:
 
     def enable_sequence_parallel(self, context) -> None:
         """Split the transformer's tokens over the ranks of ``context`` (:mod:`infinitetalk.parallel`);
-        every rank then runs :meth:`generate` with the same request, rank 0 writes the video."""
-        enable_sequence_parallel(self.transformer, context.world_size)
+        every rank then runs :meth:`generate` with the same request, rank 0 writes the video. Called
+        again with a new group's context (the workers were restarted), the split moves to that group."""
+        enable_sequence_parallel(self.transformer, context)
         self.parallel = context
 
     # ------------------------------------------------------------------ loading
@@ -299,7 +301,7 @@ class InfiniteTalkPipeline:
         request = request.resolved()
         request.validate()
         try:
-            with tempfile.TemporaryDirectory(prefix="infinitetalk-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="infinitetalk-", dir=self.tmp_dir) as tmp:
                 return self._generate(request, Path(output_path), Path(tmp), callback, show_progress)
         except torch.OutOfMemoryError as exc:
             # The traceback's frames hold every tensor of the failed run: clear them so the memory goes

@@ -32,7 +32,7 @@ def bench_parallel(args) -> list[dict]:
         apply_memory_mode(model, args.memory_mode, model.device, model.dtype)
         torch.cuda.empty_cache()
     if context is not None:
-        distributed.enable_sequence_parallel(model, world)
+        distributed.enable_sequence_parallel(model, context)
     refs = torch.load(args.ref, weights_only=False) if args.ref and args.ref.exists() else {}
     records = []
     for res in args.resolutions:

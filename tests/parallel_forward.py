@@ -74,7 +74,7 @@ def main(out_path: str) -> None:
     context = distributed.init_from_env()
     model = build()
     if context is not None:
-        distributed.enable_sequence_parallel(model, context.world_size)
+        distributed.enable_sequence_parallel(model, context)
     result = run(model)
     if context is None or context.is_main:
         torch.save(result, out_path)
