@@ -38,6 +38,7 @@ from infinitetalk.media import (
     probe,
     write_wav,
 )
+from leaks import ffmpeg_children, writer_threads
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
 
@@ -474,21 +475,6 @@ def test_video_writer_validates_arguments(tmp_path: Path) -> None:
     assert (tmp_path / "o.mp4").exists()
 
 
-def _writer_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("VideoWriter")]
-
-
-def _ffmpeg_children() -> list[psutil.Process]:
-    out = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "ffmpeg" in child.name() and child.status() != psutil.STATUS_ZOMBIE:
-                out.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def _returns_within(seconds: float, fn, *args) -> bool:
     """Run ``fn(*args)`` in a helper thread: whether it returned within ``seconds`` (it may go on running)."""
     thread = threading.Thread(target=fn, args=args, daemon=True)
@@ -530,7 +516,7 @@ def test_video_writer_write_does_not_wait_for_the_encoder_and_blocks_when_full(t
     writer.close()
     levels = np.frombuffer(decode_frames(out), np.uint8).reshape(60, -1).mean(axis=1)
     assert np.allclose(levels, [40] * 20 + [200] * 20 + [40] * 20, atol=2), levels
-    assert not _writer_threads()
+    assert not writer_threads()
 
 
 @pytest.mark.parametrize("reported_by", ["write", "close"])
@@ -546,14 +532,14 @@ def test_video_writer_encoder_death_mid_stream_is_clear(
     writer.write(_frames(20))  # queued: the thread finds the broken pipe
     with pytest.raises(MediaToolError) as err:
         if reported_by == "write":
-            assert _wait_until(lambda: not _writer_threads())
+            assert _wait_until(lambda: not writer_threads())
             writer.write(_frames(1))
         else:
             writer.close()
     assert str(err.value) == "video encoder stopped unexpectedly (ffmpeg exit code -9)"
     assert any("ffmpeg exited while encoding" in r.getMessage() for r in caplog.records)
     assert list(tmp_path.iterdir()) == []
-    assert not _writer_threads() and not _ffmpeg_children()
+    assert not writer_threads() and not ffmpeg_children()
     with pytest.raises(MediaToolError, match="aborted"):
         writer.close()
 
@@ -581,7 +567,7 @@ def test_video_writer_exception_mid_video_aborts_at_once(tmp_path: Path, error: 
     assert time.monotonic() - start < 5.0
     assert all(ref() is None for ref in freed)
     assert list(tmp_path.iterdir()) == []
-    assert not _writer_threads() and not _ffmpeg_children()
+    assert not writer_threads() and not ffmpeg_children()
     assert writer._proc.returncode is not None
 
 
@@ -593,12 +579,12 @@ def test_video_writer_dropped_without_close_cleans_up(tmp_path: Path) -> None:
     os.kill(writer.pid, signal.SIGSTOP)
     writer.write(batch)
     writer.write(batch)
-    assert _writer_threads() and _ffmpeg_children()
+    assert writer_threads() and ffmpeg_children()
     start = time.monotonic()
     del writer
     gc.collect()
     assert time.monotonic() - start < 5.0
-    assert not _writer_threads() and not _ffmpeg_children()
+    assert not writer_threads() and not ffmpeg_children()
     assert list(tmp_path.iterdir()) == []
 
 

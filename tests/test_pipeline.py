@@ -27,6 +27,7 @@ from infinitetalk import pipeline as pipeline_mod
 from infinitetalk.errors import InputError
 from infinitetalk.media import VideoFrameReader, VideoWriter
 from infinitetalk.pipeline import GenerationRequest, InfiniteTalkPipeline
+from leaks import ffmpeg_children, writer_threads
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed"),
@@ -107,21 +108,6 @@ def test_single_speaker_image(single_run, speech5):
     assert len(result.timings["write_per_chunk"]) == result.num_chunks
 
 
-def _writer_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("VideoWriter")]
-
-
-def _ffmpeg_children() -> list[psutil.Process]:
-    out = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "ffmpeg" in child.name() and child.status() != psutil.STATUS_ZOMBIE:
-                out.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def test_threaded_encoding_gives_the_synchronous_bytes(pipe, portrait, speech5, single_run, tmp_path, monkeypatch):
     """The same request with every chunk piped into ffmpeg before sampling goes on (the synchronous
     encoding of before) gives the very same file as the writer thread did."""
@@ -160,7 +146,7 @@ def test_cancel_while_the_encoder_is_stuck_leaves_nothing(pipe, portrait, speech
 
     def callback(event):
         if event.chunk == 0 and not stopped:
-            stopped.extend(_ffmpeg_children())
+            stopped.extend(ffmpeg_children())
             assert len(stopped) == 1
             stopped[0].suspend()
             watchdog.start()
@@ -175,7 +161,7 @@ def test_cancel_while_the_encoder_is_stuck_leaves_nothing(pipe, portrait, speech
         watchdog.cancel()
     assert stopped and not resumed.is_set()
     assert list(tmp_path.iterdir()) == []
-    assert not _writer_threads() and not _ffmpeg_children()
+    assert not writer_threads() and not ffmpeg_children()
 
 
 # --------------------------------------------------------------------------- 2. two speakers

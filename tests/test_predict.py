@@ -7,7 +7,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import psutil
 import pytest
 
 cog = pytest.importorskip("cog")
@@ -15,6 +14,7 @@ cog = pytest.importorskip("cog")
 import predict  # noqa: E402  (tests/conftest.py puts the repo root on sys.path)
 from decoding import ffprobe_streams  # noqa: E402  (tests/ is on sys.path for test modules)
 from infinitetalk.errors import InputError  # noqa: E402
+from leaks import ffmpeg_children  # noqa: E402  (tests/ is on sys.path for test modules)
 
 FPS = 25
 
@@ -33,17 +33,6 @@ def run_defaults() -> dict:
 def _run_dirs() -> set[str]:
     tmp = Path(tempfile.gettempdir())
     return {p.name for p in tmp.glob("infinitetalk-*")}
-
-
-def _ffmpeg_children() -> list[psutil.Process]:
-    out = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "ffmpeg" in child.name() and child.status() != psutil.STATUS_ZOMBIE:
-                out.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -171,7 +160,7 @@ def test_random_seed_is_logged_and_cancel_cleans_up(predictor, portrait, make_sp
     assert len(seed_lines) == 1 and 0 <= int(seed_lines[0].split()[1]) <= predict.MAX_SEED
     assert _run_dirs() <= before
     assert not list(Path(tempfile.gettempdir()).glob("**/*.partial"))
-    assert not _ffmpeg_children()
+    assert not ffmpeg_children()
 
 
 @pytest.mark.parametrize(
