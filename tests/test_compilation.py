@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ import torch
 import make_tiny_weights as mtw
 from infinitetalk import compilation
 from infinitetalk.settings import Settings, SettingsError, parse_warmup
+
+ROOT = Path(__file__).resolve().parents[1]
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                               reason="inductor on the CPU needs a C compiler")
@@ -137,3 +140,54 @@ def test_served_pipeline_compiles_in_setup_and_not_at_the_warmed_size(fresh_dyna
     run(128, 96, True)  # another width and height: that graph serves it
     run(96, 128, True)
     assert _delta(before) == {"compiles": 0, "recompiles": 0, "eager_fallbacks": 0}
+
+
+_CACHE_SCRIPT = """
+import sys, time, torch
+from pathlib import Path
+from torch._dynamo.utils import counters
+from infinitetalk import compilation
+
+class Block(torch.nn.Module):  # defined here: dynamo does not compile torch's own modules' frames
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.gelu(self.a(x)))
+
+
+block = Block()
+path, action = Path(sys.argv[1]), sys.argv[2]
+loaded = compilation.load_compile_cache(path) if action == "load" else None
+block.compile(dynamic=compilation.DYNAMIC)
+block(torch.randn(3, 8))
+if action == "save":
+    assert compilation.save_compile_cache(path)
+print(loaded, counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"])
+"""
+
+
+@pytest.mark.slow
+@needs_cc
+def test_compile_cache_saved_by_one_process_warms_a_fresh_one(tmp_path):
+    """What the servers keep in the weights folder (compile-cache/): a process with an empty inductor
+    cache that loads it compiles from it (cache hits, no misses) instead of from scratch."""
+    import os
+    import subprocess
+    import sys
+
+    artifacts = compilation.compile_cache_file(tmp_path / "weights", "cpu")
+
+    def run(action: str, cache_dir: str) -> list[str]:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / cache_dir), PYTHONPATH=str(ROOT))
+        out = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(artifacts), action], env=env, check=True,
+                             capture_output=True, text=True, timeout=600).stdout
+        return out.split()[-3:]
+
+    loaded, hits, misses = run("save", "first")
+    assert artifacts.is_file() and artifacts.stat().st_size > 0 and int(misses) >= 1
+    loaded, hits, misses = run("load", "second")  # a fresh inductor cache folder: only the artifacts help
+    assert loaded == "True" and int(hits) >= 1 and int(misses) == 0
+    cold = run("none", "third")
+    assert int(cold[2]) >= 1  # without them the same compile misses
