@@ -154,8 +154,10 @@ class InfiniteTalk:
     @modal.enter()
     def load(self) -> None:
         """Once per container: check the settings, open the bucket (if any), load the models (fetching the
-        weights into the Volume first when it lacks them, then committing them for the next containers)."""
+        weights into the Volume first when it lacks them, then committing them, and the compile cache setup
+        writes after a cold compile, for the next containers)."""
         from infinitetalk import service
+        from infinitetalk.compilation import COMPILE_CACHE_DIR
         from infinitetalk.download import plan_weights
         from infinitetalk.storage import open_storage
         from infinitetalk.web import WebEndpoint
@@ -164,8 +166,11 @@ class InfiniteTalk:
         service.configure_logging()
         storage = open_storage(settings.storage, check=settings.check_bucket)
         fetching = not plan_weights(settings.weights).complete
+        caches = settings.weights / COMPILE_CACHE_DIR
+        before = sorted(caches.glob("*.bin")) if caches.is_dir() else []
         pipe = service.load_pipeline(settings)
-        if fetching and not modal.is_local():
+        new_cache = caches.is_dir() and sorted(caches.glob("*.bin")) != before  # saved after a cold compile
+        if (fetching or new_cache) and not modal.is_local():
             weights_volume.commit()
         self.endpoint = WebEndpoint(pipe, settings.worker, storage)
 
