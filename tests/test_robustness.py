@@ -31,7 +31,8 @@ from infinitetalk import audio as audio_lib  # noqa: E402
 from infinitetalk import inputs  # noqa: E402
 from infinitetalk.errors import InputError  # noqa: E402
 from infinitetalk.pipeline import GenerationError  # noqa: E402
-from test_predict import _ffmpeg_children, args, one_torch_thread, predictor, private_tmp  # noqa: E402,F401
+from leaks import ffmpeg_children  # noqa: E402
+from test_predict import args, one_torch_thread, predictor, private_tmp  # noqa: E402,F401
 
 FPS = 25
 SPEECH_S = 1.0
@@ -87,7 +88,7 @@ def run_case(predictor, image: Path, audio: Path, expect: str | None, **override
             if path is not None:
                 assert Path(path).name not in msg and str(Path(path).parent) not in msg, msg
     assert _listing() == before
-    assert not _ffmpeg_children()
+    assert not ffmpeg_children()
 
 
 # (image file, audio file, expected message or None for a correct video). Files that should work are
@@ -190,5 +191,5 @@ def test_out_of_memory_is_clear_frees_the_run_and_the_next_prediction_works(pred
     assert "\n" not in msg and "Traceback" not in msg
     # The failed run's tensors are gone although the error (and its cause's traceback) is still held here.
     assert seen and seen[0]() is None
-    assert _listing() == before and not _ffmpeg_children()  # the encoder was started and has been killed
+    assert _listing() == before and not ffmpeg_children()  # the encoder was started and has been killed
     run_case(predictor, corpus["portrait.png"], corpus["speech.wav"], None)

@@ -24,7 +24,8 @@ if shutil.which("ffmpeg") is None:
     pytest.skip("ffmpeg not installed", allow_module_level=True)
 
 from infinitetalk.errors import InputError  # noqa: E402
-from test_predict import _ffmpeg_children, one_torch_thread, predictor, private_tmp  # noqa: E402,F401
+from leaks import ffmpeg_children  # noqa: E402
+from test_predict import one_torch_thread, predictor, private_tmp  # noqa: E402,F401
 from test_robustness import CASES, _listing, _tiny, check_video, corpus  # noqa: E402,F401
 
 RUNS = 200
@@ -113,4 +114,4 @@ def test_200_predictions_do_not_leak_memory_fds_files_or_processes(predictor, co
     assert end[0] - start[0] < MAX_RSS_GROWTH_MB, (start, end, series)
     assert end[1] - start[1] <= MAX_FD_GROWTH, (start, end, series)
     assert _listing() == tmp_before
-    assert not _ffmpeg_children()
+    assert not ffmpeg_children()
