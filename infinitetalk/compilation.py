@@ -189,6 +189,7 @@ def warm_up(pipe, sizes, log=logger.info) -> float:
 
     import numpy as np
     import soundfile
+    import torch._dynamo.exc
     from PIL import Image
 
     from .request import GenerationRequest
@@ -208,10 +209,27 @@ def warm_up(pipe, sizes, log=logger.info) -> float:
                 request = GenerationRequest(image=image, audio=audio, width=width, height=height, steps=1,
                                             text_guidance=1.0, audio_guidance=1.0, turbo=turbo, seed=0)
                 t = time.perf_counter()
-                result = pipe.generate(request, Path(tmp) / "warmup.mp4", show_progress=False)
+                try:
+                    result = pipe.generate(request, Path(tmp) / "warmup.mp4", show_progress=False)
+                except torch._dynamo.exc.BackendCompilerFailed as exc:
+                    _serve_uncompiled(pipe, exc)
+                    result = pipe.generate(request, Path(tmp) / "warmup.mp4", show_progress=False)
                 log(f"warm-up: {result.width}x{result.height} {'turbo' if turbo else 'exact'} in "
                     f"{time.perf_counter() - t:.1f}s")
     return time.perf_counter() - t0
+
+
+def _serve_uncompiled(pipe, exc: BaseException) -> None:
+    """The compiler failed in setup (e.g. no C compiler for Triton's launcher in the image): serve
+    uncompiled, loudly, rather than not at all (or failing every request). With several processes
+    the stance would have to change in each; there it stays an error."""
+    if getattr(pipe, "parallel", None) is not None:
+        raise RuntimeError(f"torch.compile failed in setup: {exc}; set INFINITETALK_COMPILE=0 or fix the "
+                           "image (Triton needs a C compiler)") from exc
+    logger.error("torch.compile failed in setup, serving uncompiled (slower; set INFINITETALK_COMPILE=0 to "
+                 "skip the attempt): %s", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    torch.compiler.set_stance("force_eager")
+    pipe.compiled = False
 
 
 #: Where :func:`save_compile_cache` keeps torch's compile artifacts, inside the weights folder.

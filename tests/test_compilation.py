@@ -191,3 +191,29 @@ def test_compile_cache_saved_by_one_process_warms_a_fresh_one(tmp_path):
     assert loaded == "True" and int(hits) >= 1 and int(misses) == 0
     cold = run("none", "third")
     assert int(cold[2]) >= 1  # without them the same compile misses
+
+
+@pytest.mark.slow
+@needs_cc
+def test_a_compiler_that_fails_in_setup_leaves_a_working_uncompiled_server(fresh_dynamo, tiny_weights, make_speech,
+                                                                           portrait, tmp_path, caplog):
+    """An image without a working C compiler (Triton's and inductor's need one): the warm-up's compile
+    fails, setup says so in an error line and serves uncompiled instead of failing every request."""
+    import torch._inductor.config as inductor_config
+
+    from infinitetalk import service
+
+    settings = Settings(weights=tiny_weights, compile=True, warmup=((64, 64),))
+    old = inductor_config.cpp.cxx
+    inductor_config.cpp.cxx = (str(tmp_path / "no-such-compiler"),)
+    try:
+        with caplog.at_level(logging.ERROR, logger="infinitetalk.compile"):
+            pipe = service.load_pipeline(settings, log=lambda m: None)
+        assert not pipe.compiled
+        assert any("torch.compile failed in setup, serving uncompiled" in r.getMessage() for r in caplog.records)
+        job = service.run_job(pipe, dict(image=str(portrait), audio=str(make_speech(1.0)), width=64, height=64,
+                                         steps=1, seed=1), tmp_path / "job", log=lambda m: None, show_progress=False)
+        assert job.path.stat().st_size > 0
+    finally:
+        inductor_config.cpp.cxx = old
+        torch.compiler.set_stance("default")
