@@ -186,6 +186,8 @@ PREDICTIONS = {
     "exact": ("exact", 2.0, 1, {}),
     "turbo-720p": ("turbo", 6.0, 1, {"turbo": True, "resolution": "720p"}),
     "fp8-turbo": ("fp8-turbo", 6.0, 1, {"turbo": True}),
+    "smoke-turbo": ("turbo", 6.0, 1, {"turbo": True, "width": 64, "height": 64, "steps": 1}),
+    "smoke-exact-2spk": ("exact", 2.0, 2, {"width": 64, "height": 64, "steps": 1}),
     # the sequence: short predictions across buckets, speakers and modes
     "seq-exact-640": ("exact", 2.0, 1, {"steps": 2}),
     "seq-turbo-640": ("turbo", 2.0, 1, {"turbo": True}),
@@ -206,8 +208,8 @@ PLANS = {
     "rest": [("fused", ["turbo"]), ("adapter", ["turbo-2spk", "turbo-1nfe", "seq-turbo-640"])],
     # fp8 and 720p
     "fp8": [("fp8", ["fp8-turbo"]), ("adapter", ["turbo-720p"])],
-    # CPU dry run of the whole flow with tiny weights (BENCH_SMOKE=1)
-    "smoke": [("adapter", ["turbo", "seq-exact-640", "turbo-2spk"])],
+    # CPU dry run of the whole flow with tiny weights at 64x64 (BENCH_SMOKE=1; tests/test_bench_served.py)
+    "smoke": [("adapter", ["smoke-turbo", "smoke-exact-2spk"])],
 }
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -242,6 +244,7 @@ def bench_served(args) -> list[dict]:
         marker.write_text(json.dumps(setup_info))
     inputs.mkdir(parents=True, exist_ok=True)
     first_server = True
+    command = f"python scripts/benchmark.py served --plan {args.plan} --scratch {args.scratch}"
     for server, names in PLANS[args.plan]:
         page_cache = drop_page_cache(weights) if first_server else "warm"
         cached = cached_fraction(weights)
@@ -263,13 +266,13 @@ def bench_served(args) -> list[dict]:
                 rec = dict(env, path="served", kind="setup", server=server, setup_seconds=round(setup_seconds, 1),
                            weights_gb=setup_info.get("weights_gb"), page_cache=page_cache,
                            page_cache_resident_before=cached, weights_write_seconds=setup_info.get("write_seconds"),
-                           **ready, measured=True,
+                           **ready, measured=True, command=command,
                            note="process start to the end of Predictor.setup(): interpreter, imports, CUDA "
                                 "init, loading every model, warm-up compile and runs")
                 records.append(rec)
                 print("RECORD " + json.dumps(rec), flush=True)
             elif line.startswith("SERVED-RECORD "):
-                rec = dict(env, **json.loads(line.split(" ", 1)[1]))
+                rec = dict(env, **json.loads(line.split(" ", 1)[1]), command=command)
                 records.append(rec)
             if args.json:  # written as they come: a command cut short keeps what it measured
                 args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -460,7 +463,7 @@ def child(argv) -> int:
             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
             "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2) if cuda else None,
             "timings": {k: round(v, 2) for k, v in result.timings.items() if isinstance(v, (int, float))},
-            "num_gpus": num_gpus, "measured": True,
+            "num_gpus": num_gpus, "gpu_idle_fraction": None, "measured": True,
         }
         if name.startswith("seq-"):
             rec["sequence"] = True

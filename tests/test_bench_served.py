@@ -1,0 +1,62 @@
+"""The served benchmark's records: the interface other checks read (issue #13), on the committed H200
+records and on a CPU dry run of the whole flow (tiny weights, a fresh process running the Cog
+predictor's setup() and run(), real ffmpeg encoding)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PREDICTION_FIELDS = ("path", "gpu", "mode", "resolution", "speakers", "lora", "encoder", "seconds_per_chunk",
+                     "gpu_seconds_per_video_second", "first_prediction_seconds", "recompiles", "gpu_idle_fraction",
+                     "peak_memory_gb", "measured")
+SETUP_FIELDS = ("path", "kind", "setup_seconds", "weights_gb", "page_cache", "measured")
+
+
+def _check(record: dict) -> None:
+    assert record["path"] == "served"
+    fields = SETUP_FIELDS if record.get("kind") == "setup" else PREDICTION_FIELDS
+    assert [f for f in fields if f not in record] == [], record.get("name")
+    assert record["measured"] is True or (isinstance(record["measured"], str) and record["measured"])
+    if record.get("kind") == "setup":
+        assert record["page_cache"] in ("cold", "warm") and record["setup_seconds"] > 0
+    else:
+        assert record["mode"] in ("exact", "turbo", "turbo-1nfe", "fp8-turbo")
+        assert record["lora"] in ("adapter", "fused", "none", "adapter-disabled")
+
+
+def test_committed_served_records_carry_the_interface_fields():
+    files = sorted((ROOT / "benchmarks").glob("*-served-*.json"))
+    assert files
+    for f in files:
+        records = json.loads(f.read_text())
+        assert records, f
+        for record in records:
+            _check(record)
+            assert record["gpu"] == "NVIDIA H200"
+
+
+@pytest.mark.slow
+def test_served_benchmark_dry_run_on_the_cpu(tmp_path):
+    out = tmp_path / "served.json"
+    env = dict(os.environ, BENCH_SMOKE="1", PYTHONPATH=str(ROOT))
+    env = {k: v for k, v in env.items() if not k.startswith("INFINITETALK_")}
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "served", "--plan", "smoke", "--scratch",
+                    str(tmp_path / "scratch"), "--json", str(out)], env=env, check=True, capture_output=True,
+                   text=True, timeout=900)
+    records = json.loads(out.read_text())
+    for record in records:
+        _check(record)
+    setup, turbo, two = records
+    assert setup["kind"] == "setup" and setup["server"] == "adapter"
+    assert turbo["mode"] == "turbo" and turbo["lora"] == "adapter" and turbo["num_chunks"] == 2
+    assert turbo["encoder"] == "ffmpeg" and turbo["output"]["video_codec"] == "h264"
+    assert turbo["output"]["audio_codec"] == "aac" and turbo["output"]["frames"] == 150
+    assert turbo["gpu_seconds_per_video_second"] > 0 and turbo["recompiles"] == 0  # no compile on the CPU
+    assert two["speakers"] == 2 and two["lora"] == "adapter-disabled" and two["output"]["frames"] == 50
