@@ -203,16 +203,17 @@ def load_pipeline(settings: Settings | None = None, log: Callable[[str], None] =
     log(f"setup: loaded InfiniteTalk from {weights} on {placement(pipe)} in "
         f"{time.perf_counter() - t0:.1f}s (weights check/download {t_fetch:.1f}s; "
         + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if isinstance(v, (int, float))) + ")")
-    sizes = settings.warmup_sizes(bool(getattr(pipe, "compiled", False)))
+    compiled = bool(getattr(pipe, "compiled", False))
+    sizes = settings.warmup_sizes(compiled)
     if sizes:  # compile before the first request, not inside it (infinitetalk/compilation.py)
         from .compilation import compile_cache_file, compile_stats, load_compile_cache, save_compile_cache, warm_up
 
         cache = compile_cache_file(weights, pipe.device)
-        had_cache = pipe.compiled and load_compile_cache(cache)
+        had_cache = compiled and load_compile_cache(cache)
         seconds = warm_up(pipe, sizes, log=log)
         log(f"setup: warm-up done in {seconds:.1f}s ({compile_stats()['compiles']} graph(s) compiled, "
             f"compile cache {'loaded' if had_cache else 'cold'})")
-        if pipe.compiled and not had_cache:
+        if pipe.compiled and not had_cache:  # still compiled: the warm-up may have fallen back to eager
             save_compile_cache(cache)  # the next start from this weights folder compiles from it
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
