@@ -185,7 +185,6 @@ def warm_up(pipe, sizes, log=logger.info) -> float:
     VAE, the encoders, the default prompt's text states (cached), ffmpeg. Returns the seconds taken.
     """
     import tempfile
-    from pathlib import Path
 
     import numpy as np
     import soundfile

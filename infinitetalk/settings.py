@@ -39,6 +39,7 @@ from pathlib import Path
 
 from . import download, storage
 from .envvars import PREFIX, SettingsError, env_choice, env_flag, env_number, env_text
+from .request import INPUTS
 from .storage import StorageConfig
 
 ENV_WEIGHTS = download.ENV_WEIGHTS
@@ -100,12 +101,14 @@ def parse_warmup(raw: str | None) -> tuple[tuple[int, int], ...] | None:
         return None
     if text in ("off", "0", "none"):
         return ()
+    spec = INPUTS["width"]  # the same rule as a request's width and height (INPUTS["height"] is equal)
+    lo, hi, step = int(spec.ge), int(spec.le), spec.multiple_of
     sizes = []
     for item in text.split(","):
         w, _, h = item.strip().partition("x")
-        if not (w.isdigit() and h.isdigit() and all(64 <= int(v) <= 2048 and int(v) % 16 == 0 for v in (w, h))):
+        if not (w.isdigit() and h.isdigit() and all(lo <= int(v) <= hi and int(v) % step == 0 for v in (w, h))):
             raise SettingsError(f"{ENV_WARMUP} must be auto, off or sizes WxH[,WxH...] with width and height "
-                                f"multiples of 16 in 64..2048 (e.g. 640x640,832x480); got {raw!r}")
+                                f"multiples of {step} in {lo}..{hi} (e.g. 640x640,832x480); got {raw!r}")
         sizes.append((int(w), int(h)))
     return tuple(sizes)
 
