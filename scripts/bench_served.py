@@ -108,15 +108,8 @@ def write_full_weights(root: Path, log=print) -> dict:
                         w2v_layers=12, audio_intermediate_dim=FULL_CONFIG["audio_intermediate_dim"],
                         audio_output_dim=FULL_CONFIG["audio_output_dim"])
     gen = torch.Generator("cuda").manual_seed(1)
-    multi = {}
-    for key, shape in mtw.infinitetalk_shapes(spec).items():
-        if key.endswith(".bias"):
-            t = torch.randn(shape, generator=gen, device="cuda") * 0.02
-        elif len(shape) == 1:
-            t = 1.0 + 0.1 * torch.randn(shape, generator=gen, device="cuda")
-        else:
-            t = torch.randn(shape, generator=gen, device="cuda") * shape[1] ** -0.5
-        multi[key] = t.to(torch.bfloat16).cpu()
+    multi = {key: mtw._random_tensor(key, shape, gen).to(torch.bfloat16).cpu()
+             for key, shape in mtw.infinitetalk_shapes(spec).items()}
     save_file(multi, str(root / mtw.INFINITETALK_DIR / "multi" / mtw.INFINITETALK_FILE), metadata={"format": "pt"})
     del multi
     write_random_turbo_lora(root / TURBO_DIR / TURBO_FILE)

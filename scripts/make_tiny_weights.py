@@ -448,11 +448,14 @@ def infinitetalk_shapes(spec: TinySpec = TINY) -> dict[str, tuple[int, ...]]:
 
 
 def _random_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A random value for an official audio key, on the generator's device (the served benchmark draws
+    the full-size ones on the GPU)."""
+    noise = torch.randn(shape, generator=gen, device=gen.device)
     if key.endswith(".bias"):
-        return torch.randn(shape, generator=gen) * 0.1
+        return noise * 0.1
     if len(shape) == 1:  # LayerNorm weights
-        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
-    return torch.randn(shape, generator=gen) * shape[1] ** -0.5
+        return 1.0 + 0.1 * noise
+    return noise * shape[1] ** -0.5
 
 
 def write_infinitetalk(root: Path, spec: TinySpec, gen: torch.Generator, with_base_overrides: bool) -> None:
