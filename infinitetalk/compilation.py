@@ -214,7 +214,8 @@ def warm_up(pipe, sizes, log=logger.info) -> float:
                     _serve_uncompiled(pipe, exc)
                     result = pipe.generate(request, Path(tmp) / "warmup.mp4", show_progress=False)
                 log(f"warm-up: {result.width}x{result.height} {'turbo' if turbo else 'exact'} in "
-                    f"{time.perf_counter() - t:.1f}s")
+                    f"{time.perf_counter() - t:.1f}s (" + ", ".join(
+                        f"{k} {v:.1f}s" for k, v in result.timings.items() if isinstance(v, (int, float))) + ")")
     return time.perf_counter() - t0
 
 

@@ -83,6 +83,27 @@ def vae_encode(vae, video: torch.Tensor) -> torch.Tensor:
     return ((mu - mean) / std).float()
 
 
+def vae_channels_last(vae) -> int:
+    """Run the VAE's 3-D convolutions in channels-last (NDHWC) layout; returns how many.
+
+    cuDNN computes these convolutions in NDHWC: with the default NCDHW tensors every one of them
+    converts its input and output (and some cuDNN 9 releases pick slow kernels for NCDHW). The
+    Conv3d weights are converted once and each convolution's inputs (the frame and its causal
+    cache) are brought to the weights' layout, so the decoder stays channels-last between them.
+    Results are the same up to floating-point summation order (tests/test_pipeline.py); the
+    speed is measured in BENCHMARKS.md (``scripts/benchmark.py vae``). For CUDA devices."""
+    convs = [m for m in vae.modules() if isinstance(m, torch.nn.Conv3d)]
+    for conv in convs:
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        conv.register_forward_pre_hook(_inputs_channels_last)
+    return len(convs)
+
+
+def _inputs_channels_last(module, args):
+    return tuple(a.contiguous(memory_format=torch.channels_last_3d) if isinstance(a, torch.Tensor) and a.dim() == 5
+                 else a for a in args)
+
+
 @torch.no_grad()
 def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Decode normalised latents ``[1, 16, T, h, w]`` -> frames in [-1, 1] ``[1, 3, F, H, W]`` (float32)."""

@@ -42,6 +42,7 @@ from .conditioning import (
     encode_prompt,
     first_frame_condition,
     frames_to_uint8,
+    vae_channels_last,
     vae_decode,
     vae_encode,
 )
@@ -215,6 +216,8 @@ class InfiniteTalkPipeline:
         compiled = compile and compile_transformer(transformer)
         t0 = time.perf_counter()
         vae = AutoencoderKLWan.from_pretrained(paths.base / "vae", torch_dtype=vae_dtype).to(device).eval()
+        if device.type == "cuda":
+            vae_channels_last(vae)
         # In offload mode UMT5-XXL (11 GB) runs on the CPU: prompts are encoded once and cached.
         text_device = torch.device("cpu") if memory_mode == "offload" else device
         text_encoder = UMT5EncoderModel.from_pretrained(

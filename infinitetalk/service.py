@@ -209,12 +209,16 @@ def load_pipeline(settings: Settings | None = None, log: Callable[[str], None] =
         from .compilation import compile_cache_file, compile_stats, load_compile_cache, save_compile_cache, warm_up
 
         cache = compile_cache_file(weights, pipe.device)
+        t1 = time.perf_counter()
         had_cache = compiled and load_compile_cache(cache)
-        seconds = warm_up(pipe, sizes, log=log)
+        timings["compile_cache_load"] = time.perf_counter() - t1
+        timings["warmup"] = seconds = warm_up(pipe, sizes, log=log)
         log(f"setup: warm-up done in {seconds:.1f}s ({compile_stats()['compiles']} graph(s) compiled, "
             f"compile cache {'loaded' if had_cache else 'cold'})")
         if pipe.compiled and not had_cache:  # still compiled: the warm-up may have fallen back to eager
+            t1 = time.perf_counter()
             save_compile_cache(cache)  # the next start from this weights folder compiles from it
+            timings["compile_cache_save"] = time.perf_counter() - t1
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     return pipe

@@ -143,6 +143,16 @@ def drop_page_cache(root: Path) -> str:
     return "cold" if dropped else "warm"
 
 
+def warm_page_cache(root: Path) -> str:
+    """Read every file under ``root`` once, so the page cache holds the weights (if memory allows)."""
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            with open(f, "rb", buffering=0) as fh:
+                while fh.read(64 << 20):
+                    pass
+    return "warm"
+
+
 def cached_fraction(root: Path) -> float | None:
     """Share of the weights' pages in the page cache (mincore through ``fincore`` when installed)."""
     if shutil.which("fincore") is None:
@@ -174,6 +184,7 @@ SERVERS = {
 #: 6.0 s of audio = 2 chunks (81 + 72 frames); 2.0 s = 1 chunk.
 PREDICTIONS = {
     "turbo": ("turbo", 6.0, 1, {"turbo": True}),
+    "turbo-idle": ("turbo", 6.0, 1, {"turbo": True}),  # under torch.profiler: GPU idle per chunk
     "turbo-1nfe": ("turbo-1nfe", 6.0, 1, {"turbo": True, "audio_guidance": 1.0}),
     "turbo-2spk": ("turbo", 6.0, 2, {"turbo": True}),
     "exact": ("exact", 2.0, 1, {}),
@@ -187,6 +198,8 @@ PREDICTIONS = {
     "seq-turbo-832x480": ("turbo", 2.0, 1, {"turbo": True, "width": 832, "height": 480}),
     "seq-exact-832x480": ("exact", 2.0, 1, {"steps": 2, "width": 832, "height": 480}),
     "seq-turbo-480x832": ("turbo", 2.0, 1, {"turbo": True, "width": 480, "height": 832}),
+    "seq-turbo-2spk-640": ("turbo", 2.0, 2, {"turbo": True}),
+    "seq-exact-2spk-640": ("exact", 2.0, 2, {"steps": 2}),
 }
 
 PLANS = {
@@ -201,6 +214,13 @@ PLANS = {
     "rest": [("fused", ["turbo"]), ("adapter", ["turbo-2spk", "turbo-1nfe", "seq-turbo-640"])],
     # fp8 and 720p
     "fp8": [("fp8", ["fp8-turbo"]), ("adapter", ["turbo-720p"])],
+    # 2026-12-03, later session (page cache warm, --page-cache warm). The whole compile sequence on one
+    # server (both buckets, one and two speakers, both modes), then a second server's setup (warm compile cache)
+    "seq": [("adapter", ["seq-exact-640", "seq-turbo-640", "seq-turbo-832x480", "seq-exact-832x480",
+                         "seq-turbo-2spk-640", "seq-exact-2spk-640", "seq-turbo-480x832"]), ("adapter", [])],
+    # turbo as served (adapter, unprofiled; one forward per step), the fused server, then an adapter
+    # server's setup with the compile cache the first one wrote
+    "final": [("adapter", ["turbo", "turbo-1nfe"]), ("fused", ["turbo"]), ("adapter", [])],
     # CPU dry run of the whole flow with tiny weights at 64x64 (BENCH_SMOKE=1; tests/test_bench_served.py)
     "smoke": [("adapter", ["smoke-turbo", "smoke-exact-2spk"])],
 }
@@ -237,9 +257,15 @@ def bench_served(args) -> list[dict]:
         marker.write_text(json.dumps(setup_info))
     inputs.mkdir(parents=True, exist_ok=True)
     first_server = True
-    command = f"python scripts/benchmark.py served --plan {args.plan} --scratch {args.scratch}"
+    command = (f"python scripts/benchmark.py served --plan {args.plan} --scratch {args.scratch}"
+               + (" --page-cache warm" if args.page_cache == "warm" else ""))
     for server, names in PLANS[args.plan]:
-        page_cache = drop_page_cache(weights) if first_server else "warm"
+        if not first_server:
+            page_cache = "warm"
+        elif args.page_cache == "warm":  # every weight file read once: resident, as on a warm restart
+            page_cache = warm_page_cache(weights)
+        else:
+            page_cache = drop_page_cache(weights)
         cached = cached_fraction(weights)
         out = scratch / f"{server}-{int(time.time())}.jsonl"
         child_env = dict(os.environ, INFINITETALK_WEIGHTS=str(weights), PYTHONUNBUFFERED="1", **SERVERS[server])
@@ -417,11 +443,11 @@ def child(argv) -> int:
         if name != "self":
             defaults[name] = param.default.default if isinstance(param.default, cog.FieldInfo) else param.default
     first = True
-    for name in args.predictions.split(","):
+    for name in filter(None, args.predictions.split(",")):
         mode, seconds, speakers, overrides = PREDICTIONS[name]
         files = _make_inputs(args.inputs, seconds, speakers)
         kwargs = dict(defaults, seed=7, **{k: cog.Path(v) for k, v in files.items()}, **overrides)
-        profile = name == "turbo" and first and cuda
+        profile = name == "turbo-idle" and cuda
         stats0 = compilation.compile_stats()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -455,7 +481,8 @@ def child(argv) -> int:
             "compile_seconds": round(stats1["compile_seconds"] - stats0["compile_seconds"], 1),
             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
             "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 2) if cuda else None,
-            "timings": {k: round(v, 2) for k, v in result.timings.items() if isinstance(v, (int, float))},
+            "timings": {k: round(v, 2) if isinstance(v, (int, float)) else [round(x, 2) for x in v]
+                        for k, v in result.timings.items() if isinstance(v, (int, float, list))},
             "num_gpus": num_gpus, "gpu_idle_fraction": None, "measured": True,
         }
         if name.startswith("seq-"):

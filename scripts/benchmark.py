@@ -15,6 +15,7 @@ Usage:
     torchrun --nproc-per-node 2 scripts/benchmark.py parallel --ref /tmp/ref.pt
     python scripts/benchmark.py lora --variants fp8   # turbo LoRA adapter on/off, fused, none (compiled)
     python scripts/benchmark.py served --plan main --scratch /data/bench   # as served: Predictor.setup()/run()
+    python scripts/benchmark.py vae --resolutions 480p        # VAE layouts / cuDNN autotuning
 Results: a table on stdout and a JSON list of records (``--json PATH``).
 """
 
@@ -108,11 +109,36 @@ def _forward_sweep(args, model, env, layers, variant, refs) -> list[dict]:
     return records
 
 
+#: subcommand -> (module, function); each returns its records (none on ranks other than 0)
+RUNNERS = {
+    "forward": ("benchmark", "bench_forward"),
+    "chunk": ("bench_chunk", "bench_chunk"),  # kept apart: needs the pipeline
+    "parallel": ("bench_parallel", "bench_parallel"),  # run once plainly and once under torchrun, same --ref
+    "approx": ("bench_chunk", "bench_approx"),
+    "lora": ("bench_lora", "bench_lora"),
+    "served": ("bench_served", "bench_served"),  # the Cog predictor's own setup() and run(), weights on disk
+    "vae": ("bench_vae", "bench_vae"),  # VAE memory layouts and cuDNN autotuning (one chunk's decode/encode)
+    "memory": ("bench_memory", "bench_memory"),
+    "setup": ("bench_memory", "bench_setup"),
+}
+
+
+def _run(args) -> list[dict] | None:
+    import importlib
+
+    module, function = RUNNERS[args.what]
+    records = globals()[function](args) if module == "benchmark" else getattr(
+        importlib.import_module(module), function)(args)
+    return records or (None if args.what in ("chunk", "parallel") else records)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="InfiniteTalk GPU benchmark")
-    ap.add_argument("what", choices=["forward", "chunk", "approx", "memory", "setup", "parallel", "lora", "served"])
+    ap.add_argument("what", choices=sorted(RUNNERS))
     ap.add_argument("--scratch", default="/tmp/infinitetalk-setup-bench", help="setup: where to write weights")
     ap.add_argument("--plan", default="main", help="served: which servers and predictions (bench_served.PLANS)")
+    ap.add_argument("--page-cache", default="cold", choices=["cold", "warm"],
+                    help="served: the first server starts with the weights evicted (cold) or read once (warm)")
     ap.add_argument("--resolutions", default="480p", type=lambda s: s.split(","))
     ap.add_argument("--backends", default="_native_cudnn", type=lambda s: s.split(","))
     ap.add_argument("--speakers", default="1", type=lambda s: [int(x) for x in s.split(",")])
@@ -147,40 +173,9 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     t0 = time.time()
-    if args.what == "forward":
-        records = bench_forward(args)
-    elif args.what == "chunk":
-        from bench_chunk import bench_chunk  # kept apart: needs the pipeline
-
-        records = bench_chunk(args)
-        if not records:  # ranks other than 0 under torchrun
-            return 0
-    elif args.what == "parallel":  # run once plainly and once under torchrun, same --ref
-        from bench_parallel import bench_parallel
-
-        records = bench_parallel(args)
-        if not records:  # ranks other than 0
-            return 0
-    elif args.what == "approx":
-        from bench_chunk import bench_approx
-
-        records = bench_approx(args)
-    elif args.what == "lora":
-        from bench_lora import bench_lora
-
-        records = bench_lora(args)
-    elif args.what == "served":  # the Cog predictor's own setup() and run(), full-size weights on disk
-        from bench_served import bench_served
-
-        records = bench_served(args)
-    elif args.what == "memory":
-        from bench_memory import bench_memory
-
-        records = bench_memory(args)
-    else:
-        from bench_memory import bench_setup
-
-        records = bench_setup(args)
+    records = _run(args)
+    if records is None:  # ranks other than 0 under torchrun
+        return 0
     print_table(records)
     print(f"total wall time {time.time() - t0:.1f} s")
     if args.json:
@@ -192,7 +187,8 @@ def main(argv=None) -> int:
 def print_table(records: list[dict]) -> None:
     cols = ["mode", "variant", "num_gpus", "resolution", "speakers", "backend", "seconds_per_forward",
             "achieved_tflops", "floor_seconds_per_forward", "ratio_to_floor", "seconds_per_chunk",
-            "gpu_seconds_per_video_second", "peak_memory_gb", "rel_l2_vs_eager_bf16", "speedup_vs_1gpu",
+            "gpu_seconds_per_video_second", "decode_seconds", "encode_seconds", "peak_memory_gb",
+            "rel_l2_vs_eager_bf16", "speedup_vs_1gpu",
             "rel_l2_vs_1gpu"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

@@ -162,6 +162,34 @@ def test_vae_and_scheduler(weights: tuple[Path, float, str]) -> None:
     assert sched.config.prediction_type == "flow_prediction"
 
 
+def test_vae_channels_last_same_frames(weights: tuple[Path, float, str]) -> None:
+    """The served VAE layout (channels-last 3-D convolutions, conditioning.vae_channels_last): every
+    Conv3d sees NDHWC inputs, and encode/decode give the frames of the default layout."""
+    from diffusers import AutoencoderKLWan
+
+    from infinitetalk.conditioning import vae_channels_last, vae_decode, vae_encode
+
+    wan = _wan(weights[0])
+    plain = AutoencoderKLWan.from_pretrained(wan / "vae").eval()
+    fast = AutoencoderKLWan.from_pretrained(wan / "vae").eval()
+    convs = vae_channels_last(fast)
+    assert convs == sum(isinstance(m, torch.nn.Conv3d) for m in fast.modules()) > 10
+    seen = []
+    for m in fast.modules():
+        if isinstance(m, torch.nn.Conv3d):
+            m.register_forward_hook(lambda mod, args, out: seen.append(
+                args[0].is_contiguous(memory_format=torch.channels_last_3d)))
+    torch.manual_seed(0)
+    clip = torch.rand(1, 3, 9, 48, 32) * 2 - 1
+    lat_plain, lat_fast = vae_encode(plain, clip), vae_encode(fast, clip)
+    assert seen and all(seen)
+    torch.testing.assert_close(lat_fast, lat_plain, rtol=1e-4, atol=1e-4)
+    dec_plain, dec_fast = vae_decode(plain, lat_plain), vae_decode(fast, lat_plain)
+    assert dec_fast.shape == (1, 3, 9, 48, 32)
+    torch.testing.assert_close(dec_fast.contiguous(), dec_plain, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(dec_plain, vae_decode(plain, lat_plain + 0.5))  # the comparison can fail
+
+
 def test_wav2vec2_legacy_weight_norm_names(weights: tuple[Path, float, str]) -> None:
     from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
