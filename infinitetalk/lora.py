@@ -27,6 +27,13 @@ adapt (norm weights, the modulation tables, a Conv3d, the output head): they are
 weights when fusing, and otherwise kept as an exact and a turbo copy of each of those (small)
 parameters, written into the parameter when the mode switches.
 
+**Merged switching** (``merge_from``, the servers' default on one unquantised GPU model): turbo
+merges the adapter into the weights (``fuse_lora``), so a turbo forward costs what the plain model
+does (the unmerged adapter adds 4% per forward at 480p, BENCHMARKS.md section 10); exact unmerges
+and then reads the adapted weights again from the model's own files, so exact mode gets the loaded
+weights bit for bit (subtracting the delta again would leave bf16 rounding in them). Switching to
+exact costs that read (the adapted layers are most of the model); switching to turbo, one merge.
+
 Load it **before** memory modes and ``torch.compile``: the adapter layers are then part of the
 compiled graph and of the offloaded groups. Switching modes costs one recompile the first time
 each mode runs; after that both graphs are cached. The adapter's own ``lora_A`` / ``lora_B`` are
@@ -38,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,10 +93,13 @@ class TurboLoRA:
     Use :meth:`load`; then :meth:`set_enabled` per request (adapter) or nothing (fused).
     """
 
-    def __init__(self, transformer, path: Path, plan: _Plan, fused: bool):
+    def __init__(self, transformer, path: Path, plan: _Plan, fused: bool, merge_from=None):
         self._transformer = transformer
         self.path = path
         self.fused = fused
+        self._merge_from = merge_from if plan.low_rank and not fused else None
+        self._merged = False
+        self.last_switch_seconds = 0.0
         self.applied = dict(plan.applied)
         self.ignored = dict(plan.ignored)
         self.lora_modules = tuple(sorted(plan.low_rank))
@@ -100,14 +111,18 @@ class TurboLoRA:
     # ------------------------------------------------------------------ loading
     @classmethod
     @torch.no_grad()
-    def load(cls, transformer, path: str | Path, *, fuse: bool = False, modulation: bool = False) -> TurboLoRA:
+    def load(cls, transformer, path: str | Path, *, fuse: bool = False, merge_from=None,
+             modulation: bool = False) -> TurboLoRA:
         """Apply the LoRA file at ``path`` to ``transformer`` (before memory modes and compile).
 
         ``fuse=True``: the deltas are merged into the weights and the adapter layers removed (a
         turbo-only model, no run-time cost). ``fuse=False``: a switchable adapter, disabled
         (exact) until :meth:`set_enabled`. ``diff_m`` keys are ignored like in the official
-        InfiniteTalk wrapper unless ``modulation=True``. Raises ``ValueError`` naming every key that cannot be
-        applied; the model is then unchanged.
+        InfiniteTalk wrapper unless ``modulation=True``. ``merge_from`` (switchable only): a callable
+        ``names -> (name, tensor) pairs`` giving the loaded values of the named parameters (model names,
+        before PEFT), e.g. ``weights.read_transformer_tensors``: turbo then runs merged (see the module
+        docstring). Raises ``ValueError`` naming every key that cannot be applied; the model is then
+        unchanged.
         """
         from safetensors.torch import load_file
 
@@ -117,7 +132,7 @@ class TurboLoRA:
         if plan.problems:
             raise ValueError(f"turbo LoRA {path.name} does not fit the model; keys not applied: " + "; ".join(
                 f"{reason} ({len(keys)}): {_abbrev(sorted(keys))}" for reason, keys in plan.problems.items()))
-        turbo = cls(transformer, path, plan, fuse)
+        turbo = cls(transformer, path, plan, fuse, merge_from)
         params = dict(transformer.named_parameters())  # before PEFT renames adapted weights to base_layer.*
         if plan.low_rank:
             _load_adapter(transformer, plan.low_rank)
@@ -135,8 +150,18 @@ class TurboLoRA:
                 turbo._swaps.append((params[name], exact, exact.clone().add_(delta.to(exact.device, exact.dtype))))
             turbo.set_enabled(False)
         logger.info("turbo LoRA %s %s: %d low-rank layers, %d full deltas, %d keys ignored", path.name,
-                    "fused" if fuse else "attached", len(plan.low_rank), len(plan.deltas), len(plan.ignored))
+                    turbo.strategy, len(plan.low_rank), len(plan.deltas), len(plan.ignored))
         return turbo
+
+    @property
+    def strategy(self) -> str:
+        """``fused`` (turbo only), ``merge`` (switchable, turbo merged into the weights) or ``adapter``."""
+        return "fused" if self.fused else "merge" if self._merge_from is not None else "adapter"
+
+    @property
+    def merged(self) -> bool:
+        """Whether the turbo weights are in the model's weights (fused, or merged for turbo)."""
+        return self.fused or self._merged
 
     # ------------------------------------------------------------------ switching
     @property
@@ -151,19 +176,55 @@ class TurboLoRA:
             if not enabled:
                 raise RuntimeError("the turbo LoRA is fused into the weights: exact mode is not available")
             return
-        if self.lora_modules:
+        t0, self.last_switch_seconds = time.perf_counter(), 0.0
+        if self._merge_from is not None:
+            self._switch_merged(enabled)
+        elif self.lora_modules:
             if enabled:
                 self._transformer.enable_lora()
             else:
                 self._transformer.disable_lora()
-            for _, layer in _lora_layers(self._transformer):  # PEFT marks enabled adapters trainable
-                layer.requires_grad_(False)
+        for _, layer in _lora_layers(self._transformer):  # PEFT marks enabled adapters trainable
+            layer.requires_grad_(False)
         if self._swaps:
             _check_offload_in_memory(self._transformer)
         for param, exact, turbo in self._swaps:
             # In place: with group offloading the parameter holds the CPU copy it is onloaded from.
             param.copy_(turbo if enabled else exact)
+        if enabled != self._enabled and self._merge_from is not None:
+            self.last_switch_seconds = time.perf_counter() - t0
+            logger.info("turbo LoRA %s in %.1fs", "merged" if enabled else "unmerged (weights read again)",
+                        self.last_switch_seconds)
         self._enabled = enabled
+
+    def _switch_merged(self, enabled: bool) -> None:
+        """Merge for turbo; for exact, unmerge and read the adapted weights again (exact bits)."""
+        transformer = self._transformer
+        if enabled and not self._merged:
+            transformer.enable_lora()
+            transformer.fuse_lora(lora_scale=1.0, adapter_names=[ADAPTER_NAME])
+            self._merged = True
+        elif not enabled:
+            if self._merged:
+                transformer.unfuse_lora()
+                self._merged = False  # before the read: a failed read must not leave "merged" claimed
+                self._read_base_weights()
+            transformer.disable_lora()
+
+    def _read_base_weights(self) -> None:
+        params = dict(self._transformer.named_parameters())
+        targets = {}
+        for module in self.lora_modules:
+            for kind in ("weight", "bias"):
+                if f"{module}.base_layer.{kind}" in params:
+                    targets[f"{module}.{kind}"] = params[f"{module}.base_layer.{kind}"]
+        done = set()
+        for name, tensor in self._merge_from(set(targets)):
+            targets[name].copy_(tensor)
+            done.add(name)
+        if done != set(targets):
+            raise RuntimeError(f"turbo LoRA: {len(set(targets) - done)} adapted weights were not found in the "
+                               f"model's files, e.g. {sorted(set(targets) - done)[:3]}")
 
 
 # ---------------------------------------------------------------------------- file -> plan

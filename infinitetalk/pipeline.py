@@ -23,6 +23,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -191,7 +192,7 @@ class InfiniteTalkPipeline:
         from diffusers import AutoencoderKLWan
         from transformers import AutoTokenizer, CLIPVisionModelWithProjection, UMT5EncoderModel
 
-        from .weights import load_transformer
+        from .weights import load_transformer, read_transformer_tensors
 
         paths = WeightPaths.discover(weights_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -200,10 +201,8 @@ class InfiniteTalkPipeline:
         vae_dtype = vae_dtype or torch.float32
         timings = {}
         t0 = time.perf_counter()
-        if paths.prepared is not None:
-            transformer = load_transformer(paths.prepared, None, device=device, dtype=dtype)
-        else:
-            transformer = load_transformer(paths.base / "transformer", paths.single, device=device, dtype=dtype)
+        sources = (paths.prepared, None) if paths.prepared is not None else (paths.base / "transformer", paths.single)
+        transformer = load_transformer(*sources, device=device, dtype=dtype)
         timings["transformer"] = time.perf_counter() - t0
         if attention_backend:
             transformer.set_attention_backend(attention_backend)
@@ -211,7 +210,11 @@ class InfiniteTalkPipeline:
         # Before memory modes and compile: the adapter layers are then quantised/offloaded/compiled with
         # the model (a hook added after compile would be ignored by the compiled graph). Fused: a
         # turbo-only server, the deltas are in the weights and cost nothing at run time.
-        turbo = TurboLoRA.load(transformer, lora_path, fuse=fuse_turbo) if lora_path is not None else None
+        # Unquantised and resident (memory mode none), a switchable LoRA runs turbo merged into the weights
+        # and reads the adapted weights again from their files for exact (infinitetalk/lora.py).
+        merge_from = partial(read_transformer_tensors, *sources, device=str(device)) if memory_mode == "none" else None
+        turbo = (TurboLoRA.load(transformer, lora_path, fuse=fuse_turbo, merge_from=merge_from)
+                 if lora_path is not None else None)
         apply_memory_mode(transformer, memory_mode, device, dtype)
         compiled = compile and compile_transformer(transformer)
         t0 = time.perf_counter()

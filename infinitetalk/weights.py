@@ -320,6 +320,31 @@ def load_transformer(
     return model
 
 
+def read_transformer_tensors(transformer_dir: str | Path, infinitetalk_file: str | Path | None, names: set[str],
+                             *, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors :func:`load_transformer` put into the parameters ``names`` (model names), read again
+    from the same files in the same order (an InfiniteTalk file's base overrides come last and win).
+    Only those tensors are read. The turbo LoRA's exact mode uses it to get the adapted weights back
+    bit for bit after a merge."""
+    from safetensors import safe_open
+
+    device = str(device)
+    for shard in _transformer_shards(Path(transformer_dir)):
+        with safe_open(str(shard), framework="pt", device=device) as f:
+            for key in f.keys():
+                if key in names:
+                    yield key, f.get_tensor(key)
+    if infinitetalk_file is not None:
+        with safe_open(str(infinitetalk_file), framework="pt", device=device) as f:
+            for key in f.keys():
+                if is_official_audio_key(key) or not names & set(
+                        convert_official_state_dict_partial({key: torch.empty(0)})):
+                    continue
+                for new_key, value in convert_official_state_dict_partial({key: f.get_tensor(key)}).items():
+                    if new_key in names:
+                        yield new_key, value
+
+
 def _config_for(raw: dict, infinitetalk_file, prepared: bool, extra: dict | None) -> dict:
     from .models import InfiniteTalkTransformer3DModel
 

@@ -174,7 +174,7 @@ def cached_fraction(root: Path) -> float | None:
 
 #: Server configurations: extra INFINITETALK_* variables (the rest are the servers' defaults).
 SERVERS = {
-    "adapter": {},
+    "switchable": {},  # the default server: exact and turbo (the LoRA merged for turbo on one GPU)
     "fused": {"INFINITETALK_FUSE_TURBO": "1"},
     "fp8": {"INFINITETALK_MEMORY_MODE": "fp8"},
 }
@@ -204,25 +204,28 @@ PREDICTIONS = {
 
 PLANS = {
     # call 1: cold start, turbo as served (profiled), the sequence, two speakers, one forward per step
-    "main": [("adapter", ["turbo", "seq-exact-640", "seq-turbo-832x480", "seq-exact-832x480",
+    "main": [("switchable", ["turbo", "seq-exact-640", "seq-turbo-832x480", "seq-exact-832x480",
                           "seq-turbo-480x832", "turbo-2spk", "seq-turbo-640", "turbo-1nfe"])],
     # call 2: one whole exact chunk (40 steps x 3 forwards), then the fused server
-    "exact": [("adapter", ["exact"]), ("fused", ["turbo"])],
+    "exact": [("switchable", ["exact"]), ("fused", ["turbo"])],
     # what the 2026-12-03 session's device time did not reach: the fused server first (its setup is the
     # cold-page-cache one), then an adapter server (a warm-cache setup) for two speakers, one forward
     # per step and the sixth prediction of the sequence
-    "rest": [("fused", ["turbo"]), ("adapter", ["turbo-2spk", "turbo-1nfe", "seq-turbo-640"])],
+    "rest": [("fused", ["turbo"]), ("switchable", ["turbo-2spk", "turbo-1nfe", "seq-turbo-640"])],
     # fp8 and 720p
-    "fp8": [("fp8", ["fp8-turbo"]), ("adapter", ["turbo-720p"])],
+    "fp8": [("fp8", ["fp8-turbo"]), ("switchable", ["turbo-720p"])],
     # 2026-12-03, later session (page cache warm, --page-cache warm). The whole compile sequence on one
     # server (both buckets, one and two speakers, both modes), then a second server's setup (warm compile cache)
-    "seq": [("adapter", ["seq-exact-640", "seq-turbo-640", "seq-turbo-832x480", "seq-exact-832x480",
-                         "seq-turbo-2spk-640", "seq-exact-2spk-640", "seq-turbo-480x832"]), ("adapter", [])],
+    "seq": [("switchable", ["seq-exact-640", "seq-turbo-640", "seq-turbo-832x480", "seq-exact-832x480",
+                         "seq-turbo-2spk-640", "seq-exact-2spk-640", "seq-turbo-480x832"]), ("switchable", [])],
     # turbo as served (adapter, unprofiled; one forward per step), the fused server, then an adapter
     # server's setup with the compile cache the first one wrote
-    "final": [("adapter", ["turbo", "turbo-1nfe"]), ("fused", ["turbo"]), ("adapter", [])],
+    "final": [("switchable", ["turbo", "turbo-1nfe"]), ("fused", ["turbo"]), ("switchable", [])],
+    # the switchable server with turbo merged: turbo, the switches to exact and back, two speakers over two
+    # chunks; then a second server's setup from the compile cache the first one wrote
+    "merged": [("switchable", ["turbo", "seq-exact-640", "seq-turbo-640", "turbo-2spk"]), ("switchable", [])],
     # CPU dry run of the whole flow with tiny weights at 64x64 (BENCH_SMOKE=1; tests/test_bench_served.py)
-    "smoke": [("adapter", ["smoke-turbo", "smoke-exact-2spk"])],
+    "smoke": [("switchable", ["smoke-turbo", "smoke-exact-2spk"])],
 }
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -456,6 +459,7 @@ def child(argv) -> int:
         path, seconds_total = _timed_run(predictor, kwargs, trace)
         stats1 = compilation.compile_stats()
         result = results[-1]
+        strategy = pipe.turbo.strategy if pipe.turbo is not None else None
         chunks = [round(c, 2) for c in result.timings.get("chunk_seconds", [])]
         probe = _ffprobe(Path(path))
         video_seconds = result.num_frames / FPS
@@ -466,8 +470,12 @@ def child(argv) -> int:
             "path": "served", "name": name, "mode": mode, "server": os.environ.get("INFINITETALK_MEMORY_MODE", "auto"),
             "resolution": kwargs.get("resolution"), "width": result.width, "height": result.height,
             "speakers": speakers, "steps": int(overrides.get("steps", 4 if overrides.get("turbo") else 40)),
-            "lora": ("fused" if pipe.turbo_only else "adapter") if kwargs.get("turbo") else
-                    ("adapter-disabled" if getattr(pipe, "turbo_loaded", False) else "none"),
+            # turbo: the LoRA merged into the weights (fused, or merged by a switchable server) or an adapter;
+            # exact on a switchable server: the adapter disabled / the merged weights read again
+            "lora": ("adapter" if strategy == "adapter" else "fused") if kwargs.get("turbo") else
+                    {"adapter": "adapter-disabled", "merge": "unmerged", None: "none"}[strategy],
+            "lora_strategy": strategy,
+            "lora_switch_seconds": round(pipe.turbo.last_switch_seconds, 2) if pipe.turbo is not None else None,
             "encoder": "ffmpeg", "output": probe, "num_chunks": result.num_chunks, "chunk_seconds": chunks,
             "seconds_per_chunk": round(per_chunk, 2) if per_chunk else None,
             "gpu_seconds_per_video_second": round(per_chunk * num_gpus / (NEW_FRAMES_PER_CHUNK / FPS), 2)

@@ -28,7 +28,7 @@ def _check(record: dict) -> None:
         assert record["page_cache"] in ("cold", "warm") and record["setup_seconds"] > 0
     else:
         assert record["mode"] in ("exact", "turbo", "turbo-1nfe", "fp8-turbo")
-        assert record["lora"] in ("adapter", "fused", "none", "adapter-disabled")
+        assert record["lora"] in ("adapter", "fused", "none", "adapter-disabled", "unmerged")
 
 
 def test_committed_served_records_carry_the_interface_fields():
@@ -54,9 +54,11 @@ def test_served_benchmark_dry_run_on_the_cpu(tmp_path):
     for record in records:
         _check(record)
     setup, turbo, two = records
-    assert setup["kind"] == "setup" and setup["server"] == "adapter"
-    assert turbo["mode"] == "turbo" and turbo["lora"] == "adapter" and turbo["num_chunks"] == 2
+    assert setup["kind"] == "setup" and setup["server"] == "switchable"
+    assert turbo["mode"] == "turbo" and turbo["num_chunks"] == 2
+    assert turbo["lora"] == "fused" and turbo["lora_strategy"] == "merge"  # a switchable server runs turbo merged
     assert turbo["encoder"] == "ffmpeg" and turbo["output"]["video_codec"] == "h264"
     assert turbo["output"]["audio_codec"] == "aac" and turbo["output"]["frames"] == 150
     assert turbo["gpu_seconds_per_video_second"] > 0 and turbo["recompiles"] == 0  # no compile on the CPU
-    assert two["speakers"] == 2 and two["lora"] == "adapter-disabled" and two["output"]["frames"] == 50
+    assert two["speakers"] == 2 and two["lora"] == "unmerged" and two["output"]["frames"] == 50
+    assert two["lora_switch_seconds"] > 0  # exact after turbo: the adapted weights read again

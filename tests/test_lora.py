@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import make_tiny_weights as mtw
 from infinitetalk.errors import InputError
 from infinitetalk.lora import ADAPTER_NAME, TurboLoRA
-from infinitetalk.weights import convert_official_state_dict_partial, load_transformer
+from infinitetalk.weights import convert_official_state_dict_partial, load_transformer, read_transformer_tensors
 
 #: Our linear layer -> its official name, for the LoRA files the tests write.
 _BLOCK_LINEARS = {
@@ -241,6 +242,47 @@ def test_fused_equals_adapter_and_leaves_no_adapter(real_lora, load):
         turbo.set_enabled(False)
 
 
+def test_merged_switching_gives_the_loaded_bf16_weights_back(real_lora, model_paths):
+    """bf16, as served: turbo merged into the weights equals the fused model bit for bit, and exact after
+    it has every adapted weight of the loaded model bit for bit (unmerging alone would not: the control
+    shows the rounding it leaves), over two round trips."""
+    def load16():
+        return load_transformer(*model_paths, dtype=torch.bfloat16)
+
+    model, fused, plain, control = load16(), load16(), load16(), load16()
+    loaded = {n: p.clone() for n, p in plain.named_parameters()}
+    turbo = TurboLoRA.load(model, real_lora, merge_from=partial(read_transformer_tensors, *model_paths))
+    assert turbo.strategy == "merge" and not turbo.merged
+    TurboLoRA.load(fused, real_lora, fuse=True)
+    inputs = [t.to(torch.bfloat16) if t.is_floating_point() and t.ndim > 1 else t for t in _inputs(model)]
+    exact_ref, turbo_ref = _run(plain, inputs), _run(fused, inputs)
+    base = {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if ".lora_" not in n}
+    assert set(base) == set(loaded)
+    for _ in range(2):
+        turbo.set_enabled(True)
+        assert turbo.merged and turbo.last_switch_seconds > 0
+        assert torch.equal(_run(model, inputs), turbo_ref)
+        turbo.set_enabled(False)
+        assert not turbo.merged
+        assert all(torch.equal(base[n], loaded[n]) for n in loaded)
+        assert torch.equal(_run(model, inputs), exact_ref)
+    TurboLoRA.load(control, real_lora)
+    control.fuse_lora(lora_scale=1.0, adapter_names=[ADAPTER_NAME])
+    control.unfuse_lora()
+    drift = [n for n, p in control.named_parameters() if ".base_layer.weight" in n
+             and not torch.equal(p, loaded[n.replace(".base_layer", "")])]
+    assert drift  # why exact mode reads the weights again
+
+
+def test_merged_switching_refuses_a_source_without_the_weights(real_lora, load):
+    model = load()
+    turbo = TurboLoRA.load(model, real_lora, merge_from=lambda names: iter(()))
+    turbo.set_enabled(True)
+    with pytest.raises(RuntimeError, match="were not found"):
+        turbo.set_enabled(False)
+    assert not turbo.merged
+
+
 def test_naming_agrees_with_diffusers_lightx2v_converter(real_lora, load):
     """The low-rank part lands where diffusers' own lightx2v conversion puts it; that converter would drop
     the norm, patch-embedding and modulation deltas silently, which is why it is not used."""
@@ -318,16 +360,20 @@ def test_load_order_is_enforced(real_lora, load):
 
 
 @pytest.mark.slow
-def test_compiled_model_switches_between_exact_and_turbo(real_lora, load):
-    """The server's regional compile (inductor on the CPU) after the adapter: turbo differs from exact,
-    equals the fused model, and exact comes back, in successive calls; after one call in each mode
-    switching compiles nothing more."""
+@pytest.mark.parametrize("strategy", ["adapter", "merge"])
+def test_compiled_model_switches_between_exact_and_turbo(real_lora, load, model_paths, strategy):
+    """The server's regional compile (inductor on the CPU) after the switchable LoRA (unmerged adapter,
+    or merged for turbo and read again for exact): turbo differs from exact, equals the fused model, and
+    exact comes back, in successive calls (the compiled graphs read the weights as they are now, not as
+    they were when compiled); after one call in each mode switching compiles nothing more."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("inductor on the CPU needs a C compiler")
     from torch._dynamo.utils import counters
 
     model, fused, plain = load(), load(), load()
-    turbo = TurboLoRA.load(model, real_lora)
+    merge_from = partial(read_transformer_tensors, *model_paths) if strategy == "merge" else None
+    turbo = TurboLoRA.load(model, real_lora, merge_from=merge_from)
+    assert turbo.strategy == strategy
     TurboLoRA.load(fused, real_lora, fuse=True)
     inputs = _inputs(model)
     exact_ref, turbo_ref = _run(plain, inputs), _run(fused, inputs)
@@ -421,9 +467,10 @@ def test_tiny_lora_is_written_at_the_product_path(tmp_path):
 @pytest.mark.slow
 def test_pipeline_turbo_and_exact_requests_on_one_pipeline(tmp_path, tiny_weights, portrait, make_speech,
                                                            monkeypatch):
-    """Successive turbo / exact / turbo requests on one pipeline with the adapter give the latents of the
-    official arithmetic (the old hook path: W + up @ down and the deltas, in fp32) and of the plain model,
-    within 1e-6; a pipeline without the LoRA refuses turbo, a fused one refuses exact."""
+    """Successive turbo / exact / turbo requests on one pipeline with the switchable LoRA (merged for
+    turbo, read again for exact: the default on one unquantised model) give the latents of the official
+    arithmetic (W + up @ down and the deltas, in fp32) within 1e-6 and, for exact, the plain model's bit
+    for bit; a pipeline without the LoRA refuses turbo, a fused one refuses exact."""
     from infinitetalk.pipeline import GenerationRequest, InfiniteTalkPipeline
 
     latents = []
@@ -453,11 +500,13 @@ def test_pipeline_turbo_and_exact_requests_on_one_pipeline(tmp_path, tiny_weight
     _official_reference(plain.transformer, lora, modulation=False)
     turbo_ref = run(plain, False)
     pipe = InfiniteTalkPipeline.from_pretrained(tiny_weights, device="cpu", turbo_lora=lora)
-    assert pipe.turbo_loaded and not pipe.turbo_only
+    assert pipe.turbo_loaded and not pipe.turbo_only and pipe.turbo.strategy == "merge"
     for turbo in (True, False, True, False):
         out = run(pipe, turbo)
-        assert pipe.turbo.enabled is turbo
+        assert pipe.turbo.enabled is turbo and pipe.turbo.merged is turbo
         assert _rel(out, turbo_ref if turbo else exact_ref) < 1e-6, turbo
+        if not turbo:
+            assert torch.equal(out, exact_ref)
     assert _rel(turbo_ref, exact_ref) > 1e-2
     fused = InfiniteTalkPipeline.from_pretrained(tiny_weights, device="cpu", turbo_lora=lora, fuse_turbo=True)
     assert fused.turbo_only
