@@ -221,9 +221,8 @@ PLANS = {
     # turbo as served (adapter, unprofiled; one forward per step), the fused server, then an adapter
     # server's setup with the compile cache the first one wrote
     "final": [("switchable", ["turbo", "turbo-1nfe"]), ("fused", ["turbo"]), ("switchable", [])],
-    # the switchable server with turbo merged: turbo, the switches to exact and back, two speakers over two
-    # chunks; then a second server's setup from the compile cache the first one wrote
-    "merged": [("switchable", ["turbo", "seq-exact-640", "seq-turbo-640", "turbo-2spk"]), ("switchable", [])],
+    # the switchable server with turbo merged: turbo, the switches to exact and back, two speakers over two chunks
+    "merged": [("switchable", ["turbo", "seq-exact-640", "seq-turbo-640", "turbo-2spk"])],
     # CPU dry run of the whole flow with tiny weights at 64x64 (BENCH_SMOKE=1; tests/test_bench_served.py)
     "smoke": [("switchable", ["smoke-turbo", "smoke-exact-2spk"])],
 }
