@@ -109,32 +109,41 @@ def _forward_sweep(args, model, env, layers, variant, refs) -> list[dict]:
     return records
 
 
-#: subcommand -> (module, function); each returns its records (none on ranks other than 0)
-RUNNERS = {
-    "forward": ("benchmark", "bench_forward"),
-    "chunk": ("bench_chunk", "bench_chunk"),  # kept apart: needs the pipeline
-    "parallel": ("bench_parallel", "bench_parallel"),  # run once plainly and once under torchrun, same --ref
-    "approx": ("bench_chunk", "bench_approx"),
-    "lora": ("bench_lora", "bench_lora"),
-    "served": ("bench_served", "bench_served"),  # the Cog predictor's own setup() and run(), weights on disk
-    "vae": ("bench_vae", "bench_vae"),  # VAE memory layouts and cuDNN autotuning (one chunk's decode/encode)
-    "memory": ("bench_memory", "bench_memory"),
-    "setup": ("bench_memory", "bench_setup"),
-}
+#: The subcommands (each a function returning its records; none on ranks other than 0 under torchrun).
+COMMANDS = ("forward", "chunk", "approx", "memory", "setup", "parallel", "lora", "served", "vae")
 
 
 def _run(args) -> list[dict] | None:
-    import importlib
+    if args.what == "forward":
+        return bench_forward(args)
+    if args.what in ("chunk", "approx"):  # kept apart: needs the pipeline
+        from bench_chunk import bench_approx, bench_chunk
 
-    module, function = RUNNERS[args.what]
-    records = globals()[function](args) if module == "benchmark" else getattr(
-        importlib.import_module(module), function)(args)
-    return records or (None if args.what in ("chunk", "parallel") else records)
+        return (bench_chunk(args) or None) if args.what == "chunk" else bench_approx(args)
+    if args.what == "parallel":  # run once plainly and once under torchrun, same --ref
+        from bench_parallel import bench_parallel
+
+        return bench_parallel(args) or None
+    if args.what == "lora":
+        from bench_lora import bench_lora
+
+        return bench_lora(args)
+    if args.what == "served":  # the Cog predictor's own setup() and run(), full-size weights on disk
+        from bench_served import bench_served
+
+        return bench_served(args)
+    if args.what == "vae":  # VAE memory layouts and cuDNN autotuning (one chunk's decode and encode)
+        from bench_vae import bench_vae
+
+        return bench_vae(args)
+    from bench_memory import bench_memory, bench_setup
+
+    return bench_memory(args) if args.what == "memory" else bench_setup(args)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="InfiniteTalk GPU benchmark")
-    ap.add_argument("what", choices=sorted(RUNNERS))
+    ap.add_argument("what", choices=COMMANDS)
     ap.add_argument("--scratch", default="/tmp/infinitetalk-setup-bench", help="setup: where to write weights")
     ap.add_argument("--plan", default="main", help="served: which servers and predictions (bench_served.PLANS)")
     ap.add_argument("--page-cache", default="cold", choices=["cold", "warm"],
