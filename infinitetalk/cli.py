@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bbox", type=_bbox, action="append", default=None, metavar="T,L,B,R",
                     help="speaker box in source pixels, give twice (speaker 1 then 2); default left/right halves")
     ap.add_argument("--out", type=Path, required=True, help="output .mp4")
+    ap.add_argument("--hls", type=Path, default=None, metavar="DIR",
+                    help="also write a live HLS folder (index.m3u8 + fMP4 segments) that grows by one segment per "
+                         "chunk while the video is generated; play it with viewer/index.html")
     ap.add_argument("--weights", type=Path, default=None,
                     help="weights folder (weights/README.md); default $INFINITETALK_WEIGHTS, else the repository's "
                          "weights/")
@@ -90,6 +93,9 @@ def _check_inputs(args: argparse.Namespace, request) -> None:
             raise InputError(f"{flag} file not found: {path}")
     if not args.out.parent.is_dir():
         raise InputError(f"--out folder does not exist: {args.out.parent}")
+    hls = getattr(args, "hls", None)
+    if hls is not None and hls.exists() and (not hls.is_dir() or any(hls.iterdir())):
+        raise InputError(f"--hls must be a new or empty folder: {hls}")
     probe_request(request, labels={"image": "--video" if args.video is not None else "--image",
                                    "audio": "--audio", "audio_2": "--audio2"})
 
@@ -146,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         # Under torchrun every process runs this; --num-gpus N spawns the other ranks.
         pipe = build_pipeline(settings, device=args.device)
         context = getattr(pipe, "parallel", None)
-        result = pipe.generate(request, args.out, show_progress=not args.quiet and (context is None or context.is_main))
+        hls = None
+        if args.hls is not None:
+            from .preview import HLSOutput
+
+            hls = HLSOutput(args.hls, on_segment=lambda seg: logging.getLogger("infinitetalk").info(
+                "live: %s/index.m3u8 now plays %.2f s", seg.folder, seg.seconds))
+        result = pipe.generate(request, args.out, show_progress=not args.quiet and (context is None or context.is_main),
+                               hls=hls)
     except (InputError, GenerationError, WeightsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -289,14 +289,15 @@ class MultiGPUPipeline:
             logger.info("the GPU workers are ready (the job waited %.1f s for them)", time.monotonic() - start)
 
     # ------------------------------------------------------------------ jobs
-    def generate(self, request, output_path, callback=None, show_progress: bool = True):
+    def generate(self, request, output_path, callback=None, show_progress: bool = True, hls=None):
         self._prepare_job()
         watchdog = _Watchdog(self._procs, self._steps, lambda: self.hang_timeout)
         for q in self._jobs:  # a missing seed is drawn by rank 0 and broadcast inside generate()
             q.put(request)
         error = None
         try:
-            result = self.pipeline.generate(request, output_path, callback=callback, show_progress=show_progress)
+            result = self.pipeline.generate(request, output_path, callback=callback, show_progress=show_progress,
+                                            hls=hls)  # rank 0 writes the video (and the live folder)
         except BaseException as exc:  # noqa: BLE001 (raised below, or as the cause of the failure)
             error = exc
         failure = self._end_job(watchdog)

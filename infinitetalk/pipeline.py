@@ -50,6 +50,7 @@ from .conditioning import (
 from .distributed import check_token_split, enable_sequence_parallel, stop_together
 from .errors import GenerationCancelled, InputError
 from .lora import TurboLoRA
+from .preview import HLSOutput, HLSWriter
 from .request import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, GenerationRequest, choose_seed
 from .sampler import APGState, ContextLatents, get_timesteps, make_guided_denoiser
 from .step_cache import StepCacheConfig, reset_step_cache, step_cache_stats
@@ -302,13 +303,17 @@ class InfiniteTalkPipeline:
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, request: GenerationRequest, output_path: str | Path,
-                 callback: ProgressCallback | None = None, show_progress: bool = True) -> GenerationResult:
-        """Run one request and write the MP4 to ``output_path``."""
+                 callback: ProgressCallback | None = None, show_progress: bool = True,
+                 hls: HLSOutput | None = None) -> GenerationResult:
+        """Run one request and write the MP4 to ``output_path``.
+
+        ``hls``: also write a live HLS folder that grows by one segment per chunk (``preview.HLSOutput``;
+        its ``on_segment`` hears of each); the MP4 is the same with or without it."""
         request = request.resolved()
         request.validate()
         try:
             with tempfile.TemporaryDirectory(prefix="infinitetalk-", dir=self.tmp_dir) as tmp:
-                return self._generate(request, Path(output_path), Path(tmp), callback, show_progress)
+                return self._generate(request, Path(output_path), Path(tmp), callback, show_progress, hls)
         except torch.OutOfMemoryError as exc:
             # The traceback's frames hold every tensor of the failed run: clear them so the memory goes
             # back to the allocator now, not whenever the caller (cog, a test) lets go of the exception.
@@ -327,7 +332,8 @@ class InfiniteTalkPipeline:
             gc.collect()
             torch.cuda.empty_cache()
 
-    def _generate(self, req: GenerationRequest, out_path: Path, tmp: Path, callback, show_progress) -> GenerationResult:
+    def _generate(self, req: GenerationRequest, out_path: Path, tmp: Path, callback, show_progress,
+                  hls: HLSOutput | None = None) -> GenerationResult:
         """Prepare the video once, then for every chunk: its inputs, the denoising loop, decode, write."""
         t_start = time.perf_counter()
         self._select_mode(req)
@@ -335,7 +341,7 @@ class InfiniteTalkPipeline:
         progress = _Progress(self, callback, job, show_progress)
         motion_frames = None  # the previous chunk's last 9 frames (colour corrected), [1, 3, 9, H, W]
         try:
-            with self._open_writer(out_path, job) as writer, self._step_cache(req) as cache:
+            with self._open_writer(out_path, job, hls) as writer, self._step_cache(req) as cache:
                 for k in range(job.plan.num_chunks):
                     progress.chunk_started(k)
                     chunk = self._chunk_inputs(job, k, motion_frames)
@@ -515,13 +521,18 @@ class InfiniteTalkPipeline:
             job.timings.setdefault("write_per_chunk", []).append(time.perf_counter() - t0)
         job.frames_done += keep
 
-    def _open_writer(self, out_path: Path, job: _Job):
+    def _open_writer(self, out_path: Path, job: _Job, hls: HLSOutput | None = None):
         from . import media
 
         if self.parallel is not None and not self.parallel.is_main:
             return _NoVideo(out_path)
-        return media.VideoWriter(out_path, job.width, job.height, fps=FPS, crf=int(job.req.crf),
-                                 audio_path=job.soundtrack, duration=job.total_frames / FPS)
+        writer = media.VideoWriter(out_path, job.width, job.height, fps=FPS, crf=int(job.req.crf),
+                                   audio_path=job.soundtrack, duration=job.total_frames / FPS)
+        if hls is None:
+            return writer
+        live = HLSWriter(hls.folder, job.width, job.height, fps=FPS, crf=int(job.req.crf), audio_path=job.soundtrack,
+                         max_segment_frames=FRAME_NUM, on_segment=hls.on_segment)
+        return _WithLive(writer, live)
 
     @contextlib.contextmanager
     def _step_cache(self, req: GenerationRequest):
@@ -752,6 +763,40 @@ def quantize_fp8(transformer) -> int:
 
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=blocks_linear)
     return count
+
+
+class _WithLive:
+    """The final MP4's writer and the live HLS writer, fed the same chunks: the MP4 is closed first (a
+    failure of the previews never fails the video, see ``preview.HLSWriter``); any exception aborts
+    both, which removes their partial files."""
+
+    def __init__(self, video, live: HLSWriter):
+        self.video, self.live = video, live
+        self.path = video.path
+
+    def write(self, frames) -> None:
+        self.video.write(frames)
+        self.live.write(frames)
+
+    def close(self) -> Path:
+        try:
+            path = self.video.close()
+        except BaseException:
+            self.live.abort()
+            raise
+        self.live.close()
+        return path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.video.abort()
+            self.live.abort()
+        return False
 
 
 class _NoVideo:
