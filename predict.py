@@ -9,7 +9,9 @@ run() returns) and, when a bucket is configured, also uploads the MP4 and logs i
 
 from __future__ import annotations
 
-from typing import Optional
+import queue
+import threading
+from typing import Iterator, Optional
 
 from cog import BaseRunner, Input, Path
 
@@ -26,11 +28,10 @@ from infinitetalk.service import MAX_SEED, MAX_VIDEO_SECONDS, parse_box, quality
 DEFAULT_PROMPT = "A person is talking naturally, looking at the camera."
 
 
-# cog 0.23 (coglet) turns an exception raised by run() into the prediction's error string as
-# "Prediction failed: Prediction failed: <type name>: <message>": both prefixes are coglet's (its
-# predict_worker formats the Python error with one, the Display of its PredictionError adds the
-# other) and the type name is the exception class's __qualname__ (PyO3's Display of a PyErr). Only
-# the type name is ours: a user's mistake reads "... invalid input: width and height must be given
+# cog 0.23 (coglet) turns an exception raised by run() (a generator: the output is a list of files) into
+# the prediction's error string as "Prediction failed: Generator iteration error: <type name>: <message>":
+# both prefixes are coglet's (the Display of its PredictionError, its generator driver) and the type name
+# is the exception class's __qualname__ (PyO3's Display of a PyErr). Only the type name is ours: a user's mistake reads "... invalid input: width and height must be given
 # together" rather than "... InputError: ...". The classes stay InputError / GenerationError.
 class InvalidInput(InputError):
     """An input the prediction refuses; shown by cog as ``invalid input: <message>``."""
@@ -165,24 +166,69 @@ class Predictor(BaseRunner):
             description="Output video quality 1-10, higher is better and bigger: H.264 CRF = 40 - 3 x quality "
             "(8: CRF 16, 10: CRF 10).",
         ),
-    ) -> Path:
-        """Generate one lip-synced MP4."""
+        preview: bool = Input(
+            default=False,
+            description="Also output a playable MP4 of the video so far after every chunk (about every 3 s of "
+            "video), while the rest is generated. The output is a list of files either way: its last item is "
+            "the complete video (the only item without preview).",
+        ),
+    ) -> Iterator[Path]:
+        """Generate one lip-synced MP4: the output's last file (before it, with preview, the video so far)."""
         inputs = {name: value for name, value in locals().items() if name in service.INPUTS}
         self._cleanup_previous()
         # Registered before generating, so a cancel that lands after generate() returns still gets it removed.
         self._last_workdir = workdir = service.new_workdir()
-        try:
-            job = service.run_job(self.pipe, inputs, workdir, on_metric=lambda k, v: self.record_metric(k, v))
-        except InputError as exc:
-            raise InvalidInput(str(exc)) from None
-        except GenerationError as exc:
-            raise CannotGenerate(str(exc)) from exc
+        if preview:
+            job = yield from self._run_with_previews(inputs, workdir)
+        else:
+            job = self._run_job(inputs, workdir, on_metric=lambda k, v: self.record_metric(k, v))
         if self.storage is not None:
             # Cog's output type stays a file (Replicate uploads it); the bucket URL goes to the logs and metrics.
             upload = self.storage.upload(job.path)  # key: <prefix><random id>/<sha256[:16]>.mp4
             self.record_metric("output_url", upload.url)
             print(f"output_url: {upload.url}", flush=True)
-        return Path(job.path)
+        yield Path(job.path)
+
+    def _run_job(self, inputs, workdir, **kwargs):
+        try:
+            return service.run_job(self.pipe, inputs, workdir, **kwargs)
+        except InputError as exc:
+            raise InvalidInput(str(exc)) from None
+        except GenerationError as exc:
+            raise CannotGenerate(str(exc)) from exc
+
+    def _run_with_previews(self, inputs, workdir):
+        """Generate on a thread and yield each preview as it is written (cog uploads it meanwhile); metrics
+        are recorded here, on the prediction's thread. Returns the job. A cancel (or any exception thrown
+        into this generator) stops the generation at its next step and waits for it to clean up."""
+        events: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                job = self._run_job(inputs, workdir, should_stop=stop.is_set,
+                                    on_metric=lambda k, v: events.put(("metric", (k, v))),
+                                    on_preview=lambda path, seconds: events.put(("preview", path)))
+                events.put(("done", job))
+            except BaseException as exc:  # noqa: BLE001 (re-raised on the prediction's thread)
+                events.put(("error", exc))
+
+        thread = threading.Thread(target=work, name="generate", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, value = events.get()
+                if kind == "metric":
+                    self.record_metric(*value)
+                elif kind == "preview":
+                    yield Path(value)
+                elif kind == "error":
+                    raise value
+                else:
+                    return value
+        finally:
+            stop.set()
+            thread.join()
 
     def _cleanup_previous(self) -> None:
         """Remove the previous prediction's folder: its MP4 has been uploaded by now."""

@@ -126,6 +126,7 @@ def run_job(pipe, inputs: Mapping[str, Any], workdir: str | os.PathLike, *,
             on_metric: Callable[[str, Any], None] | None = None,
             on_progress: Callable[[dict], None] | None = None,
             should_stop: Callable[[], bool] | None = None,
+            on_preview: Callable[[Path, float], None] | None = None,
             log: Callable[[str], None] = _log, show_progress: bool = True) -> JobResult:
     """Validate ``inputs``, fetch the files, generate the MP4 into ``workdir``; see the module doc.
 
@@ -134,6 +135,10 @@ def run_job(pipe, inputs: Mapping[str, Any], workdir: str | os.PathLike, *,
     and belongs to this run: on any failure or cancellation (also a BaseException raised by a
     callback, such as cog's CancelationException) it is removed before the exception propagates.
     On success it holds the output, and the caller removes it after delivering the video.
+
+    ``on_preview(path, seconds)``: after each chunk, a playable MP4 of the video so far
+    (``preview-NNN.mp4`` in ``workdir``, by stream copy of the live segments, ``infinitetalk/preview.py``),
+    called from the segment writer's thread; the final MP4 is the same as without it.
     """
     workdir = Path(workdir)
     metrics: dict[str, Any] = {}
@@ -156,7 +161,8 @@ def run_job(pipe, inputs: Mapping[str, Any], workdir: str | os.PathLike, *,
         tracker = ProgressTracker(metric, on_progress, should_stop)
         try:
             probe_request(request)  # every file's header and limits, before any model work
-            result = pipe.generate(request, workdir / "output.mp4", callback=tracker, show_progress=show_progress)
+            result = pipe.generate(request, workdir / "output.mp4", callback=tracker, show_progress=show_progress,
+                                   hls=_previews(workdir, on_preview, log) if on_preview is not None else None)
         except InputError as exc:
             # Input files have generated names (cog's tmpab12cd34file.png, our downloads): name the input.
             raise InputError(name_inputs(str(exc), labels)) from None
@@ -175,6 +181,21 @@ def run_job(pipe, inputs: Mapping[str, Any], workdir: str | os.PathLike, *,
         f"{result.num_chunks} chunk(s), seed {result.seed}, "
         + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items() if isinstance(v, (int, float))))
     return JobResult(Path(result.path), workdir, request, result, metrics)
+
+
+def _previews(workdir: Path, on_preview: Callable[[Path, float], None], log: Callable[[str], None]):
+    """The live segments of a job in ``workdir/live``; after each one a preview MP4 of the video so far."""
+    from .preview import HLSOutput, preview_mp4
+
+    def on_segment(segment) -> None:
+        try:
+            path = preview_mp4(segment.folder, workdir / f"preview-{segment.index:03d}.mp4")
+        except Exception as exc:  # noqa: BLE001 (a preview is never worth the job)
+            log(f"preview {segment.index} skipped: {exc}")
+            return
+        on_preview(path, segment.seconds)
+
+    return HLSOutput(workdir / "live", on_segment=on_segment)
 
 
 # ----------------------------------------------------------------------------------------------

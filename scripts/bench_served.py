@@ -369,7 +369,7 @@ def _observe(pipe) -> list:
     results = []
     real_generate = pipe.generate
 
-    def observed_generate(request, output_path, callback=None, show_progress=True):
+    def observed_generate(request, output_path, callback=None, show_progress=True, **kwargs):
         last = []
 
         def marked(event):
@@ -381,7 +381,7 @@ def _observe(pipe) -> list:
             with torch.profiler.record_function(f"served-chunk-done-{event.chunk}" if done else "served-step"):
                 pass
 
-        result = real_generate(request, output_path, callback=marked, show_progress=show_progress)
+        result = real_generate(request, output_path, callback=marked, show_progress=show_progress, **kwargs)
         results.append(result)
         return result
 
@@ -396,12 +396,12 @@ def _timed_run(predictor, kwargs: dict, trace: Path | None):
 
     t0 = time.perf_counter()
     if trace is None:
-        path = predictor.run(**kwargs)
+        path = list(predictor.run(**kwargs))[-1]  # the output's last file is the video
         return path, time.perf_counter() - t0
     from torch.profiler import ProfilerActivity
 
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        path = predictor.run(**kwargs)
+        path = list(predictor.run(**kwargs))[-1]
     seconds = time.perf_counter() - t0
     prof.export_chrome_trace(str(trace))
     return path, seconds

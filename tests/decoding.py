@@ -11,6 +11,13 @@ from typing import Any
 from infinitetalk.media import run_ffprobe
 
 
+def final_output(outputs) -> Path:
+    """The video of a Cog prediction: the last file its output iterator gives (running it to the end)."""
+    items = list(outputs)
+    assert items, "the prediction gave no output"
+    return items[-1]
+
+
 def decode_frames(path: Path) -> bytes:
     """All frames of ``path`` as raw rgb24 bytes (ffmpeg decode)."""
     res = subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", str(path), "-map", "0:v:0",

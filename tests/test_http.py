@@ -36,10 +36,11 @@ from loopback import data_url, ffmpeg_descendants, free_port, stop_process_group
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 300.0
 PREDICT_TIMEOUT_S = 300.0
-#: What cog 0.23 (coglet) puts before the message of an exception raised by run(): "Prediction failed: "
-#: twice (its predict_worker, then its PredictionError's Display) and the exception type's __qualname__
-#: (predict.py names its user-facing errors "invalid input" and "cannot generate"). Fixed: cannot be removed.
-COG_PREFIX = "Prediction failed: Prediction failed: "
+#: What cog 0.23 (coglet) puts before the message of an exception raised by run(), a generator (its output is
+#: a list of files): "Prediction failed: " (its PredictionError's Display), "Generator iteration error: " (its
+#: generator driver) and the exception type's __qualname__ (predict.py names its user-facing errors "invalid
+#: input" and "cannot generate"). Fixed: cannot be removed.
+COG_PREFIX = "Prediction failed: Generator iteration error: "
 #: cog 0.23.1's answer, with HTTP 409, to a prediction sent while its one slot is busy (coglet's create-prediction
 #: route, CreatePredictionError::AtCapacity; the same for sync and async POSTs and a PUT with a new id). The
 #: prediction is refused, not queued: a direct client must send it again later.
@@ -206,6 +207,7 @@ def inputs(portrait, make_speech):
         "image": data_url(portrait, "image/png"),
         "speech": data_url(make_speech(1.2, "http_speech"), "audio/wav"),
         "long_speech": data_url(make_speech(10.0, "http_long"), "audio/wav"),
+        "preview_speech": data_url(make_speech(4.0, "http_preview"), "audio/wav"),
     }
 
 
@@ -231,7 +233,8 @@ def test_sync_prediction_returns_the_mp4(server, inputs, tmp_path):
     assert any(re.fullmatch(r"chunk 1/1 done: 1\.20 s of 1\.20 s video in \d+\.\d s", line) for line in lines), lines
     assert body["metrics"]["chunks"] == 1 and body["metrics"]["denoising_steps"] == 2
     assert body["metrics"]["video_seconds"] == pytest.approx(1.2)
-    head, b64 = body["output"].split(",", 1)
+    assert isinstance(body["output"], list) and len(body["output"]) == 1  # preview off: the video alone
+    head, b64 = body["output"][-1].split(",", 1)
     assert head == "data:video/mp4;base64", head
     out = tmp_path / "out.mp4"
     out.write_bytes(base64.b64decode(b64))
@@ -308,7 +311,7 @@ def test_a_second_prediction_while_one_runs_gets_409_and_is_not_queued(server, i
     assert done is not None and done["status"] == "succeeded", (done and done.get("error"), server.log_tail())
     assert done["metrics"]["denoising_steps"] == steps and done["metrics"]["chunks"] == 1, done["metrics"]
     out = tmp_path / "first.mp4"
-    out.write_bytes(base64.b64decode(done["output"].split(",", 1)[1]))
+    out.write_bytes(base64.b64decode(done["output"][-1].split(",", 1)[1]))
     info = ffprobe_streams(out)
     assert info["video"]["codec"] == "h264" and info["audio"]["codec"] == "aac"
     assert abs(info["format_duration"] - 1.2) <= 0.04 + 1e-3, info
@@ -369,4 +372,28 @@ def test_cancel_mid_denoising_then_next_prediction_succeeds(server, inputs, webh
     done, seen = webhook.wait_for("after-cancel", lambda ev: ev.get("status") in ("canceled", "failed", "succeeded"),
                                   PREDICT_TIMEOUT_S)
     assert done is not None and done["status"] == "succeeded", (done and done.get("error"), server.log_tail())
-    assert done["output"].startswith("data:") and done["metrics"]["chunks"] == 1
+    assert len(done["output"]) == 1 and done["output"][-1].startswith("data:") and done["metrics"]["chunks"] == 1
+
+
+def test_previews_arrive_as_output_webhooks_before_completed(server, inputs, webhook, tmp_path):
+    """``preview=true``: after each chunk an ``output`` webhook whose last file is a playable MP4 of the
+    video so far, before the ``completed`` one; the final output's last item is the whole video."""
+    body = {"id": "previews", "input": _tiny(inputs, audio=inputs["preview_speech"], steps=1, preview=True),
+            "webhook": webhook.url}
+    status, reply = _predict(server, body, headers={"Prefer": "respond-async"})
+    assert status == 202, reply
+    done, seen = webhook.wait_for("previews", lambda ev: ev.get("status") in FINAL, PREDICT_TIMEOUT_S)
+    assert done is not None and done["status"] == "succeeded", (done and done.get("error"), server.log_tail())
+    early = [ev for ev in seen if ev.get("status") == "processing" and ev.get("output")]
+    assert early, [ev.get("status") for ev in seen]
+    first = tmp_path / "first-preview.mp4"
+    first.write_bytes(base64.b64decode(early[0]["output"][-1].split(",", 1)[1]))
+    info = ffprobe_streams(first)
+    assert info["video"]["codec"] == "h264" and info["audio"]["codec"] == "aac"
+    assert info["video"]["fps"] == pytest.approx(25) and info["video"]["nb_frames"] >= 81  # at least chunk 1
+    outputs = done["output"]
+    assert len(outputs) == 3  # two previews (2 chunks), then the video
+    final = tmp_path / "final.mp4"
+    final.write_bytes(base64.b64decode(outputs[-1].split(",", 1)[1]))
+    info = ffprobe_streams(final)
+    assert info["video"]["nb_frames"] == 100 and abs(info["format_duration"] - 4.0) <= 0.04 + 1e-3

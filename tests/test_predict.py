@@ -12,7 +12,7 @@ import pytest
 cog = pytest.importorskip("cog")
 
 import predict  # noqa: E402  (tests/conftest.py puts the repo root on sys.path)
-from decoding import ffprobe_streams  # noqa: E402  (tests/ is on sys.path for test modules)
+from decoding import ffprobe_streams, final_output  # noqa: E402  (tests/ is on sys.path for test modules)
 from infinitetalk.errors import InputError  # noqa: E402
 from leaks import ffmpeg_children  # noqa: E402  (tests/ is on sys.path for test modules)
 
@@ -89,7 +89,7 @@ def test_inputs_are_documented_with_defaults_and_ranges():
     params = inspect.signature(predict.Predictor.run).parameters
     expected = {"image", "audio", "audio_2", "audio_mode", "box_1", "box_2", "prompt", "negative_prompt",
                 "resolution", "width", "height", "max_duration", "steps", "text_guidance", "audio_guidance",
-                "shift", "seed", "color_correction", "apg", "quality", "turbo", "step_cache"}
+                "shift", "seed", "color_correction", "apg", "quality", "turbo", "step_cache", "preview"}
     assert set(params) - {"self"} == expected
     for name in expected:
         field = params[name].default
@@ -118,7 +118,7 @@ def test_inputs_are_documented_with_defaults_and_ranges():
 def test_generates_mp4_with_audio_duration(predictor, portrait, make_speech, capsys):
     speech = make_speech(1.6, "predict_ok")
     before = _run_dirs()
-    out = predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech)))
+    out = final_output(predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech))))
     assert isinstance(out, Path) and out.suffix == ".mp4" and out.is_file()
     info = ffprobe_streams(out)
     v, a = info["video"], info["audio"]
@@ -151,7 +151,7 @@ def test_random_seed_is_logged_and_cancel_cleans_up(predictor, portrait, make_sp
     predictor.record_metric = cancel_on_first_step
     try:
         with pytest.raises(cog.CancelationException):
-            predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech), seed=None, steps=4))
+            final_output(predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech), seed=None, steps=4)))
     finally:
         metrics = predictor.test_metrics
         predictor.record_metric = lambda key, value, mode="replace": metrics.__setitem__(key, value)
@@ -180,7 +180,7 @@ def test_invalid_input_is_a_clear_input_error(predictor, portrait, make_speech, 
     speech = make_speech(1.0, "predict_bad")
     before = _run_dirs()
     with pytest.raises(InputError) as err:
-        predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech), **overrides))
+        final_output(predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech), **overrides)))
     assert message in str(err.value)
     assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
     assert _run_dirs() <= before
@@ -189,8 +189,8 @@ def test_invalid_input_is_a_clear_input_error(predictor, portrait, make_speech, 
 def test_boxes_need_both_and_a_second_speaker(predictor, portrait, make_speech):
     speech = make_speech(1.0, "predict_bad")
     with pytest.raises(InputError, match="give both box_1 and box_2"):
-        predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech), audio_2=cog.Path(speech),
-                             box_1="1,2,30,40"))
+        final_output(predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech), audio_2=cog.Path(speech),
+                             box_1="1,2,30,40")))
     with pytest.raises(InputError, match="top,left,bottom,right"):
         predict.parse_box("a,b,c,d", "box_1")
     with pytest.raises(InputError, match="bottom > top"):
@@ -202,7 +202,7 @@ def test_boxes_need_both_and_a_second_speaker(predictor, portrait, make_speech):
 def test_audio_that_is_an_image_fails_cleanly(predictor, portrait):
     before = _run_dirs()
     with pytest.raises(InputError) as err:
-        predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(portrait)))
+        final_output(predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(portrait))))
     assert "Traceback" not in str(err.value)
     assert _run_dirs() <= before
 
@@ -220,7 +220,7 @@ def test_two_rank_predictor_gives_the_same_video(predictor, tiny_weights, portra
         return np.frombuffer(decode_frames(path), np.uint8).astype(int)
 
     speech = make_speech(1.6, "predict_two_ranks")
-    ref = frames(predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech))))
+    ref = frames(final_output(predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech)))))
     # This machine has no GPU: pretend the 2 asked for are visible (the ranks are gloo processes on the CPU).
     monkeypatch.setattr(distributed, "usable_num_gpus", lambda wanted=None: wanted or 1)
     monkeypatch.setenv("INFINITETALK_NUM_GPUS", "2")
@@ -232,7 +232,7 @@ def test_two_rank_predictor_gives_the_same_video(predictor, tiny_weights, portra
     try:
         p.setup()
         assert isinstance(p.pipe, parallel.MultiGPUPipeline) and p.pipe.num_gpus == 2
-        out = p.run(**args(image=cog.Path(portrait), audio=cog.Path(speech)))
+        out = final_output(p.run(**args(image=cog.Path(portrait), audio=cog.Path(speech))))
         got = frames(out)
         assert got.shape == ref.shape and np.abs(got - ref).max() <= 1
     finally:
@@ -241,3 +241,34 @@ def test_two_rank_predictor_gives_the_same_video(predictor, tiny_weights, portra
         p._cleanup_previous()
         os.environ.pop("HF_HUB_OFFLINE", None)
         os.environ.pop("TRANSFORMERS_OFFLINE", None)
+
+
+@pytest.mark.slow
+def test_preview_yields_the_video_so_far_after_each_chunk_then_the_same_video(predictor, portrait, make_speech):
+    speech = make_speech(4.0, "predict_preview")  # 100 frames: 2 chunks
+    kw = args(image=cog.Path(portrait), audio=cog.Path(speech), steps=1)
+    outputs = list(predictor.run(**dict(kw, preview=True)))
+    assert len(outputs) == 3 and outputs[-1].name == "output.mp4"
+    infos = [ffprobe_streams(o) for o in outputs]
+    assert [i["video"]["nb_frames"] for i in infos] == [81, 100, 100]
+    assert all(i["video"]["codec"] == "h264" and i["audio"]["codec"] == "aac" for i in infos)
+    assert all(i["video"]["fps"] == pytest.approx(FPS) for i in infos)
+    with_previews = outputs[-1].read_bytes()
+    assert final_output(predictor.run(**kw)).read_bytes() == with_previews  # previews leave the video as it is
+
+
+@pytest.mark.slow
+def test_closing_the_preview_stream_cancels_the_generation_and_removes_its_files(predictor, portrait, make_speech):
+    import threading
+
+    from leaks import ffmpeg_children
+
+    speech = make_speech(8.0, "predict_preview_cancel")  # 4 chunks
+    stream = predictor.run(**args(image=cog.Path(portrait), audio=cog.Path(speech), steps=1, preview=True))
+    first = next(stream)
+    assert ffprobe_streams(first)["video"]["nb_frames"] == 81
+    workdir = predictor._last_workdir
+    stream.close()  # what cog does to a cancelled generator prediction: the generation stops at its next step
+    assert not Path(workdir).exists()
+    assert not [t for t in threading.enumerate() if t.name in ("generate",) or t.name.startswith("HLSWriter")]
+    assert ffmpeg_children() == []

@@ -25,7 +25,7 @@ if shutil.which("ffmpeg") is None:
 
 import torch  # noqa: E402
 
-from decoding import ffprobe_streams  # noqa: E402  (tests/ is on sys.path for test modules)
+from decoding import ffprobe_streams, final_output  # noqa: E402  (tests/ is on sys.path for test modules)
 from hostile import make_corpus  # noqa: E402  (tests/ is on sys.path for test modules)
 from infinitetalk import audio as audio_lib  # noqa: E402
 from infinitetalk import inputs  # noqa: E402
@@ -74,13 +74,13 @@ def run_case(predictor, image: Path, audio: Path, expect: str | None, **override
     before = _listing()
     kw = _tiny(image=cog.Path(image), audio=cog.Path(audio), **overrides)
     if expect is None:
-        out = Path(predictor.run(**kw))
+        out = Path(final_output(predictor.run(**kw)))
         check_video(out, audio, overrides.get("max_duration"))
         assert {p.split("/")[0] for p in _listing() - before} == {out.parent.name}  # only the kept output folder
         predictor._cleanup_previous()
     else:
         with pytest.raises(InputError) as err:
-            predictor.run(**kw)
+            final_output(predictor.run(**kw))
         msg = str(err.value)
         assert expect in msg, msg
         assert "\n" not in msg and "Traceback" not in msg, msg
@@ -185,7 +185,8 @@ def test_out_of_memory_is_clear_frees_the_run_and_the_next_prediction_works(pred
     predictor._cleanup_previous()
     before = _listing()
     with pytest.raises(GenerationError) as err:
-        predictor.run(**_tiny(image=cog.Path(corpus["portrait.png"]), audio=cog.Path(corpus["speech.wav"])))
+        final_output(predictor.run(**_tiny(image=cog.Path(corpus["portrait.png"]),
+                                           audio=cog.Path(corpus["speech.wav"]))))
     msg = str(err.value)
     assert "out of GPU memory" in msg and "480p" in msg and "memory mode" in msg, msg
     assert "\n" not in msg and "Traceback" not in msg

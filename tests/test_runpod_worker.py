@@ -37,7 +37,7 @@ pytest.importorskip("moto")
 if shutil.which("ffmpeg") is None:
     pytest.skip("ffmpeg not installed", allow_module_level=True)
 
-from decoding import ffprobe_streams  # noqa: E402
+from decoding import ffprobe_streams, final_output  # noqa: E402
 from infinitetalk import service  # noqa: E402
 from infinitetalk.errors import InputError  # noqa: E402
 from loopback import data_url, ffmpeg_descendants, free_port, stop_process_group  # noqa: E402
@@ -401,7 +401,8 @@ def test_cog_predictor_uploads_to_the_bucket_too_and_still_returns_the_file(pipe
     metrics: dict = {}
     p.record_metric = lambda key, value, mode="replace": metrics.__setitem__(key, value)
     try:
-        out = p.run(**args(image=cog.Path(portrait), audio=cog.Path(make_speech(1.2, "rp_speech")), steps=1))
+        speech = make_speech(1.2, "rp_speech")
+        out = final_output(p.run(**args(image=cog.Path(portrait), audio=cog.Path(speech), steps=1)))
         assert isinstance(out, Path) and out.is_file()
         url = metrics["output_url"]
         assert f"output_url: {url}" in capsys.readouterr().out

@@ -23,6 +23,7 @@ cog = pytest.importorskip("cog")
 if shutil.which("ffmpeg") is None:
     pytest.skip("ffmpeg not installed", allow_module_level=True)
 
+from decoding import final_output  # noqa: E402
 from infinitetalk.errors import InputError  # noqa: E402
 from leaks import ffmpeg_children  # noqa: E402
 from test_predict import one_torch_thread, predictor, private_tmp  # noqa: E402,F401
@@ -80,20 +81,20 @@ def test_200_predictions_do_not_leak_memory_fds_files_or_processes(predictor, co
             predictor.record_metric = cancel_at_first_step
             try:
                 with pytest.raises(cog.CancelationException):
-                    predictor.run(**_tiny(image=path("portrait.png"), audio=path("speech.wav"), seed=i))
+                    final_output(predictor.run(**_tiny(image=path("portrait.png"), audio=path("speech.wav"), seed=i)))
             finally:
                 predictor.record_metric = plain_metric
         elif i % VALID_EVERY == 0:
             kind = "valid"
             image, audio = VALID[(i // VALID_EVERY) % len(VALID)]
-            out = Path(predictor.run(**_tiny(image=path(image), audio=path(audio), seed=i)))
+            out = Path(final_output(predictor.run(**_tiny(image=path(image), audio=path(audio), seed=i))))
             check_video(out, corpus[audio])
         else:
             kind = "invalid"
             image, audio, extra, expect = INVALID[i % len(INVALID)]
             extra = {k: path(v) if k == "audio_2" else v for k, v in extra.items()}
             with pytest.raises(InputError) as err:
-                predictor.run(**_tiny(image=path(image), audio=path(audio), **extra))
+                final_output(predictor.run(**_tiny(image=path(image), audio=path(audio), **extra)))
             assert expect in str(err.value), (i, image, audio, str(err.value))
             del err
         counts[kind] += 1
