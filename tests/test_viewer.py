@@ -103,6 +103,7 @@ def test_viewer_plays_the_live_folder_while_the_video_is_generated(tiny_weights,
             assert time.monotonic() < deadline, "no segment within 300 s"
             time.sleep(0.2)
         browser = subprocess.Popen([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--mute-audio",
+                                    "--disable-dev-shm-usage",
                                     "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={tmp_path / 'ch'}",
                                     f"http://127.0.0.1:{port}/probe.html"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
