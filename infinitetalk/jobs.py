@@ -127,6 +127,7 @@ def fetch_input(name: str, value: Any, dest_dir: str | os.PathLike, *, max_bytes
 
 def run_input_job(pipe, job_input: Mapping[str, Any] | Any, jobdir: str | os.PathLike, limits: WorkerSettings, *,
                   should_stop: Callable[[], bool] | None = None, on_progress: Callable[[dict], None] | None = None,
+                  on_preview: Callable[[Path, float], None] | None = None,
                   log: Callable[[str], None] = service._log) -> service.JobResult:
     """Validate ``job_input`` (the inputs of :data:`infinitetalk.service.INPUTS`, files as URLs), fetch its
     files into ``jobdir/inputs`` and generate into ``jobdir/run`` (:func:`infinitetalk.service.run_job`,
@@ -138,7 +139,7 @@ def run_input_job(pipe, job_input: Mapping[str, Any] | Any, jobdir: str | os.Pat
                            should_stop=should_stop)
 
     return service.run_job(pipe, job_input, jobdir / "run", fetch=fetch, on_progress=on_progress,
-                           should_stop=should_stop, log=log)
+                           should_stop=should_stop, on_preview=on_preview, log=log)
 
 
 def result_fields(job: service.JobResult) -> dict[str, Any]:

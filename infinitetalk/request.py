@@ -73,6 +73,7 @@ INPUTS: dict[str, InputSpec] = {
     "apg": InputSpec("bool", False),
     "step_cache": InputSpec("float", 0.0, 0.0, 1.0),
     "quality": InputSpec("int", 8, 1, 10),
+    "preview": InputSpec("bool", False),  # an output option: the video so far after each chunk (not a request field)
 }
 
 #: Request fields that are not public inputs, and the library's own relaxations of the table:
@@ -276,6 +277,7 @@ def build_request(inputs: Mapping[str, Any]) -> GenerationRequest:
          for name, spec in INPUTS.items()}
     bboxes = parse_boxes(v.pop("box_1"), v.pop("box_2"), v["audio_2"] is not None)
     quality = v.pop("quality")
+    v.pop("preview")  # how the video is delivered, not how it is made: the front ends read it
     if v["max_duration"] is None:
         v["max_duration"] = MAX_VIDEO_SECONDS
     request = GenerationRequest(**v, bboxes=bboxes, crf=quality_to_crf(quality))

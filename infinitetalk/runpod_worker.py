@@ -17,6 +17,11 @@ stops the worker here with one line), then every model is loaded once. Each job:
 4. the MP4 goes to the configured bucket (the job's output carries a presigned URL) or, with no
    bucket, comes back inline as a ``data:video/mp4;base64`` URL when it is small enough.
 
+The handler streams: with ``"preview": true`` every finished chunk yields a preview item (a playable
+MP4 of the video so far, delivered the same way) on ``/stream/<id>``; the result is always the last
+item, and the job's output (``/run`` + ``/status``, ``/runsync``) is the list of items
+(``return_aggregate_stream``): ``output[-1]`` is the result, as on Cog.
+
 Invalid inputs end the job with ``{"error": "<the predictor's one-line message>"}`` (status
 FAILED). A cancel or an execution timeout reaches the handler as an asyncio cancellation (the SDK
 cancels the job's task); the generation thread then stops within one denoising step and the job's
@@ -79,16 +84,31 @@ class RunPodWorker:
         self.log = log or (lambda message: print(message, flush=True))
         self._busy = threading.Lock()  # one generation at a time per worker (one model in memory)
 
-    async def handler(self, job: dict) -> dict:
-        """The SDK awaits this; the generation runs in a thread so the worker's event loop stays free
-        (heartbeats, the stop channel). A cancellation of this task (RunPod cancel or execution
-        timeout) sets the stop flag; the thread stops within a denoising step and cleans up."""
+    async def handler(self, job: dict):
+        """The SDK's job handler, an async generator (its items go to ``/stream/<id>``; with
+        ``return_aggregate_stream`` the job's output is the list of them). With ``"preview": true`` in
+        the input, one item per finished chunk: ``{"preview": k, "seconds": s, "preview_url": ...}``, a
+        playable MP4 of the video so far (uploaded like the video, or inline when small). The last item
+        is always the job's result, the same dict as without previews (or ``{"error": ...}``).
+
+        The generation runs in a thread so the worker's event loop stays free (heartbeats, the stop
+        channel). A cancellation of this task (RunPod cancel or execution timeout) sets the stop flag;
+        the thread stops within a denoising step and cleans up."""
         stop = threading.Event()
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, self.run, job, stop.is_set)
+        previews: asyncio.Queue = asyncio.Queue()
+        future = loop.run_in_executor(None, self.run, job, stop.is_set,
+                                      lambda item: loop.call_soon_threadsafe(previews.put_nowait, item))
         try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
+            while not future.done() or not previews.empty():
+                getter = asyncio.ensure_future(previews.get())
+                await asyncio.wait({getter, future}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            yield future.result()
+        except (asyncio.CancelledError, GeneratorExit):
             stop.set()
             self.log(f"job {job.get('id')}: cancelled, stopping")
             while not future.done():
@@ -98,13 +118,15 @@ class RunPodWorker:
                     continue
             raise
 
-    def run(self, job: dict, should_stop: Callable[[], bool] = lambda: False) -> dict:
-        """One job, blocking: the output dict, or ``{"error": message}`` for a failure the user can act on."""
+    def run(self, job: dict, should_stop: Callable[[], bool] = lambda: False,
+            on_preview: Callable[[dict], None] | None = None) -> dict:
+        """One job, blocking: the output dict, or ``{"error": message}`` for a failure the user can act on.
+        ``on_preview(item)``: each preview item (see :meth:`handler`) when the input asks for previews."""
         job_id = str(job.get("id") or "job")
         with self._busy:
             jobdir = Path(tempfile.mkdtemp(prefix="infinitetalk-job-"))
             try:
-                return self._run(job, job_id, jobdir, should_stop)
+                return self._run(job, job_id, jobdir, should_stop, on_preview)
             except (InputError, StorageError) as exc:
                 self.log(f"job {job_id} failed: {exc}")
                 return {"error": str(exc)}
@@ -121,7 +143,8 @@ class RunPodWorker:
             finally:
                 shutil.rmtree(jobdir, ignore_errors=True)
 
-    def _run(self, job: dict, job_id: str, jobdir: Path, should_stop: Callable[[], bool]) -> dict:
+    def _run(self, job: dict, job_id: str, jobdir: Path, should_stop: Callable[[], bool],
+             on_preview: Callable[[dict], None] | None = None) -> dict:
         settings = self.settings
         last_sent = [0.0]
 
@@ -132,8 +155,11 @@ class RunPodWorker:
                 self.progress(job, {k: v for k, v in snapshot.items() if k != "chunk_finished"})
 
         t0 = time.perf_counter()
-        result = run_input_job(self.pipe, job.get("input"), jobdir, settings, should_stop=should_stop,
-                               on_progress=on_progress, log=self.log)
+        job_input = job.get("input")
+        wants = on_preview is not None and isinstance(job_input, Mapping) and job_input.get("preview") is True
+        result = run_input_job(self.pipe, job_input, jobdir, settings, should_stop=should_stop,
+                               on_progress=on_progress, log=self.log,
+                               on_preview=self._previewer(job_id, on_preview) if wants else None)
         out = result_fields(result)
         size = result.path.stat().st_size
         if self.storage is not None:
@@ -148,6 +174,26 @@ class RunPodWorker:
                                "that can be returned inline: configure an output bucket (INFINITETALK_OUTPUT_BUCKET)")
         out["seconds"] = round(time.perf_counter() - t0, 2)
         return out
+
+    def _previewer(self, job_id: str, on_preview: Callable[[dict], None]) -> Callable[[Path, float], None]:
+        """Deliver each preview MP4 as the video is (bucket, else inline when small enough), as an item."""
+        count = [0]
+
+        def deliver(path: Path, seconds: float) -> None:
+            item = {"preview": count[0], "seconds": round(seconds, 3)}
+            count[0] += 1
+            size = path.stat().st_size
+            if self.storage is not None:
+                upload = self.storage.upload(path, job_id=job_id)
+                item.update(preview_url=upload.url, key=upload.key, bytes=upload.size)
+            elif size <= self.settings.inline_max_bytes:
+                item.update(preview_url="data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode(),
+                            bytes=size)
+            else:
+                return  # too big to send inline and no bucket: the final video says why
+            on_preview(item)
+
+        return deliver
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +232,8 @@ def main() -> None:
     except (SettingsError, WeightsDownloadError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    runpod.serverless.start({"handler": worker.handler})
+    # The handler streams (previews, then the result); the job's output is the list of its items.
+    runpod.serverless.start({"handler": worker.handler, "return_aggregate_stream": True})
 
 
 __all__ = ["RunPodWorker", "WorkerConfigError", "WorkerSettings", "boot", "decode_data_url", "fetch_input", "main"]

@@ -149,6 +149,7 @@ def files(tmp_path_factory, portrait, make_speech):
     shutil.copy(portrait, folder / "face.png")
     shutil.copy(make_speech(1.2, "rp_speech"), folder / "speech.wav")
     shutil.copy(make_speech(1.6, "rp_speech_b"), folder / "speech_b.wav")
+    shutil.copy(make_speech(4.0, "rp_speech_4s"), folder / "speech4.wav")  # 2 chunks
     server = FileServer(folder)
     try:
         yield server, folder
@@ -199,7 +200,8 @@ def test_run_then_status_completes_with_a_presigned_url_to_the_mp4(worker, files
     job_id = worker.run(_tiny(image=server.url + "/face.png", audio=data_url(folder / "speech.wav", "audio/wav")))
     body = worker.wait(job_id)
     assert body["status"] == "COMPLETED", (body, worker.log_tail())
-    out = body["output"]
+    assert isinstance(body["output"], list) and len(body["output"]) == 1  # the handler's items; no preview asked
+    out = body["output"][-1]
     assert out["storage"] == "s3" and out["bucket"] == s3_server.bucket and out["expires_in"] == 600
     assert out["key"].startswith(f"infinitetalk/{job_id}/") and out["key"] in s3_server.keys()
     assert out["video_url"].startswith(s3_server.endpoint + f"/{s3_server.bucket}/infinitetalk/")
@@ -218,6 +220,30 @@ def test_run_then_status_completes_with_a_presigned_url_to_the_mp4(worker, files
     assert "chunk 1/1, step 2/2\n" in logs and "chunk 1/1 done: 1.20 s of 1.20 s video in " in logs, logs[-3000:]
     assert "\r" not in logs and "\x1b" not in logs, repr(logs[-3000:])
     assert _leftovers(worker.tmpdir) == []  # inputs, output and run folder removed after the upload
+
+
+@pytest.mark.slow
+def test_stream_carries_a_preview_url_per_chunk_then_the_result(worker, files, s3_server, tmp_path):
+    """``preview: true``: ``/stream/<id>`` (the SDK's local server runs the job inside that call) gives one
+    item per chunk whose presigned URL downloads a playable MP4 of the video so far, then the result,
+    the same dict as without previews."""
+    server, folder = files
+    job = _tiny(image=server.url + "/face.png", audio=server.url + "/speech4.wav", steps=1, preview=True)
+    status, body = _post(worker.url + "/run", {"input": job})
+    assert status == 200, body
+    status, body = _post(f"{worker.url}/stream/{body['id']}", timeout=JOB_TIMEOUT_S)
+    assert status == 200 and body["status"] == "COMPLETED", (body, worker.log_tail())
+    items = [entry["output"] for entry in body["stream"]]
+    assert [item.get("preview") for item in items] == [0, 1, None], items
+    for item, frames in zip(items[:2], (81, 100)):
+        assert item["preview_url"].startswith(s3_server.endpoint) and item["key"] in s3_server.keys()
+        info = ffprobe_streams(_fetch(item["preview_url"], tmp_path / f"preview-{item['preview']}.mp4"))
+        assert info["video"]["codec"] == "h264" and info["audio"]["codec"] == "aac"
+        assert info["video"]["nb_frames"] == frames and item["seconds"] == pytest.approx(frames / FPS)
+    result = items[-1]
+    assert result["storage"] == "s3" and result["frames"] == 100 and result["chunks"] == 2
+    _check_mp4(_fetch(result["video_url"], tmp_path / "final.mp4"), 4.0)
+    assert _leftovers(worker.tmpdir) == []
 
 
 @pytest.mark.slow
@@ -242,10 +268,13 @@ def test_invalid_jobs_fail_with_the_predictor_messages(worker, files):
     ids = [(worker.run(job), message) for job, message in cases]
     for job_id, message in ids:
         body = worker.wait(job_id, timeout=60)
-        assert body["status"] == "FAILED", (message, body)
-        assert message in body["error"], (message, body)
-        assert "\n" not in body["error"] and "Traceback" not in body["error"] and "tmp" not in body["error"]
-    assert body["error"] == "image is required"  # the error is the one line itself, no JSON wrapping
+        # The handler's last item is {"error": <line>}: production's job loop turns it into status FAILED with
+        # that error (test_production_job_loop_...); the SDK's development server lists it as the output.
+        assert body["status"] == "COMPLETED" and list(body["output"][-1]) == ["error"], (message, body)
+        error = body["output"][-1]["error"]
+        assert message in error, (message, body)
+        assert "\n" not in error and "Traceback" not in error and "tmp" not in error
+    assert error == "image is required"  # the error is the one line itself, no JSON wrapping
     assert _leftovers(worker.tmpdir) == []
 
 
@@ -258,8 +287,8 @@ def test_two_jobs_back_to_back_both_complete_with_distinct_objects(worker, files
     for job_id, seconds in zip(jobs, (1.2, 1.6)):
         body = worker.wait(job_id)
         assert body["status"] == "COMPLETED", (body, worker.log_tail())
-        outputs.append(body["output"])
-        _check_mp4(_fetch(body["output"]["video_url"], tmp_path / f"{job_id}.mp4"), seconds)
+        outputs.append(body["output"][-1])
+        _check_mp4(_fetch(body["output"][-1]["video_url"], tmp_path / f"{job_id}.mp4"), seconds)
     keys = [o["key"] for o in outputs]
     assert len(set(keys)) == 2 and all(k.startswith(f"infinitetalk/{j}/") for k, j in zip(keys, jobs))
     assert set(keys) <= set(s3_server.keys())
@@ -322,8 +351,11 @@ def test_cancelling_the_handler_task_stops_within_a_step_and_cleans_up(pipe, por
     job = {"id": "cancel-me", "input": _tiny(image=data_url(portrait, "image/png"), steps=100,
                                               audio=data_url(make_speech(10.0, "rp_long"), "audio/wav"))}
 
+    async def consume():
+        return [item async for item in worker.handler(job)]
+
     async def scenario():
-        task = asyncio.create_task(worker.handler(job))
+        task = asyncio.create_task(consume())
         while not started.is_set():
             assert not task.done(), task.result()
             await asyncio.sleep(0.05)
@@ -348,6 +380,45 @@ def test_cancelling_the_handler_task_stops_within_a_step_and_cleans_up(pipe, por
     mp4.write_bytes(base64.b64decode(b64))
     _check_mp4(mp4, 1.2)
     assert updates[-1]["chunks_done"] == 1 and updates[-1]["video_seconds_done"] == pytest.approx(1.2)
+    assert _leftovers(tmp_path) == []
+
+
+def test_production_job_loop_fails_an_invalid_job_and_aggregates_the_stream(pipe, portrait, make_speech, tmp_path,
+                                                                           monkeypatch):
+    """The SDK's production job loop (``rp_job.handle_job``, its HTTP calls captured): an invalid input ends the
+    job with ``{"error": <the predictor's line>}`` (status FAILED); with previews every item is streamed and the
+    job's output is the list of them (``return_aggregate_stream``), the result last; inline previews play."""
+    from runpod.serverless.modules import rp_job
+
+    from infinitetalk.runpod_worker import RunPodWorker, WorkerSettings
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    sent, streamed = [], []
+
+    async def send_result(session, result, job, is_stream=False):
+        sent.append(result)
+
+    async def stream_result(session, output, job):
+        streamed.append(output)
+
+    monkeypatch.setattr(rp_job, "send_result", send_result)
+    monkeypatch.setattr(rp_job, "stream_result", stream_result)
+    worker = RunPodWorker(pipe, WorkerSettings(progress_interval_s=0), None, progress=lambda job, update: None)
+    config = {"handler": worker.handler, "return_aggregate_stream": True}
+    image = data_url(portrait, "image/png")
+    asyncio.run(rp_job.handle_job(None, config, {"id": "bad", "input": _tiny(
+        image=image, audio=data_url(make_speech(1.2, "rp_speech"), "audio/wav"), quality=11)}))
+    assert sent == [{"error": "quality must be between 1 and 10, got 11"}] and streamed == []
+    asyncio.run(rp_job.handle_job(None, config, {"id": "good", "input": _tiny(
+        image=image, audio=data_url(make_speech(4.0, "rp_speech_4s"), "audio/wav"), steps=1, preview=True)}))
+    items = [entry["output"] for entry in streamed]
+    assert [item.get("preview") for item in items] == [0, 1, None], items
+    assert sent[-1] == {"output": items}
+    for item, frames in zip(items[:2], (81, 100)):
+        mp4 = tmp_path / f"preview-{item['preview']}.mp4"
+        mp4.write_bytes(base64.b64decode(item["preview_url"].split(",", 1)[1]))
+        assert ffprobe_streams(mp4)["video"]["nb_frames"] == frames
+    assert items[-1]["storage"] == "inline" and items[-1]["frames"] == 100
     assert _leftovers(tmp_path) == []
 
 
