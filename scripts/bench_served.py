@@ -191,6 +191,8 @@ PREDICTIONS = {
     "turbo-720p": ("turbo", 6.0, 1, {"turbo": True, "resolution": "720p"}),
     "fp8-turbo": ("fp8-turbo", 6.0, 1, {"turbo": True}),
     "smoke-turbo": ("turbo", 6.0, 1, {"turbo": True, "width": 64, "height": 64, "steps": 1}),
+    "smoke-turbo-preview": ("turbo", 6.0, 1, {"turbo": True, "width": 64, "height": 64, "steps": 1, "preview": True}),
+    "turbo-preview": ("turbo", 6.0, 1, {"turbo": True, "preview": True}),  # after "turbo": the preview record
     "smoke-exact-2spk": ("exact", 2.0, 2, {"width": 64, "height": 64, "steps": 1}),
     # the sequence: short predictions across buckets, speakers and modes
     "seq-exact-640": ("exact", 2.0, 1, {"steps": 2}),
@@ -224,7 +226,9 @@ PLANS = {
     # the switchable server with turbo merged: turbo, the switches to exact and back, two speakers over two chunks
     "merged": [("switchable", ["turbo", "seq-exact-640", "seq-turbo-640", "turbo-2spk"])],
     # CPU dry run of the whole flow with tiny weights at 64x64 (BENCH_SMOKE=1; tests/test_bench_served.py)
-    "smoke": [("switchable", ["smoke-turbo", "smoke-exact-2spk"])],
+    "smoke": [("switchable", ["smoke-turbo", "smoke-exact-2spk", "smoke-turbo-preview"])],
+    # issue 14: time to the first preview and the cost of previews, turbo 480p as served
+    "preview": [("switchable", ["turbo", "turbo-preview"])],
 }
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -390,21 +394,37 @@ def _observe(pipe) -> list:
 
 
 def _timed_run(predictor, kwargs: dict, trace: Path | None):
-    """``predictor.run(**kwargs)`` and its wall seconds; with ``trace``, under torch.profiler (CPU and
-    CUDA activity) whose chrome trace is written there."""
-    import torch
+    """``predictor.run(**kwargs)`` run to its end: (the video: the output's last file, its wall seconds,
+    the seconds at which each output file came). With ``trace``, under torch.profiler (CPU and CUDA
+    activity) whose chrome trace is written there."""
+    import contextlib
 
-    t0 = time.perf_counter()
-    if trace is None:
-        path = list(predictor.run(**kwargs))[-1]  # the output's last file is the video
-        return path, time.perf_counter() - t0
+    import torch
     from torch.profiler import ProfilerActivity
 
-    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        path = list(predictor.run(**kwargs))[-1]
+    profiler = (torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if trace
+                else contextlib.nullcontext())
+    t0 = time.perf_counter()
+    arrivals, path = [], None
+    with profiler as prof:
+        for path in predictor.run(**kwargs):
+            arrivals.append(round(time.perf_counter() - t0, 2))
     seconds = time.perf_counter() - t0
-    prof.export_chrome_trace(str(trace))
-    return path, seconds
+    if trace:
+        prof.export_chrome_trace(str(trace))
+    return path, seconds, arrivals
+
+
+def _preview_record(name: str, arrivals: list[float], seconds: float, baseline: float | None, result) -> None:
+    """The issue's preview record: time from the request to the first playable preview, and the whole
+    prediction's time against the same prediction without previews (run just before, same server)."""
+    rec = {"path": "served", "kind": "preview", "name": name, "width": result.width, "height": result.height,
+           "num_chunks": result.num_chunks, "previews": len(arrivals) - 1, "output_arrivals": arrivals,
+           "seconds_to_first_preview": arrivals[0] if len(arrivals) > 1 else None,
+           "prediction_seconds": round(seconds, 2), "baseline_seconds": round(baseline, 2) if baseline else None,
+           "overhead_fraction": round(seconds / baseline - 1, 4) if baseline else None,
+           "measured": True if baseline else "no baseline prediction without previews on this server"}
+    print("SERVED-RECORD " + json.dumps(rec), flush=True)
 
 
 def child(argv) -> int:
@@ -445,6 +465,7 @@ def child(argv) -> int:
         if name != "self":
             defaults[name] = param.default.default if isinstance(param.default, cog.FieldInfo) else param.default
     first = True
+    plain: dict[str, float] = {}  # prediction name -> its wall seconds (the baseline of its "-preview" twin)
     for name in filter(None, args.predictions.split(",")):
         mode, seconds, speakers, overrides = PREDICTIONS[name]
         files = _make_inputs(args.inputs, seconds, speakers)
@@ -455,7 +476,7 @@ def child(argv) -> int:
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
         trace = args.out.with_suffix(".trace.json") if profile else None
-        path, seconds_total = _timed_run(predictor, kwargs, trace)
+        path, seconds_total, arrivals = _timed_run(predictor, kwargs, trace)
         stats1 = compilation.compile_stats()
         result = results[-1]
         strategy = pipe.turbo.strategy if pipe.turbo is not None else None
@@ -507,6 +528,9 @@ def child(argv) -> int:
             rec["profiled"] = "torch.profiler (CPU+CUDA activity) was on for this prediction"
             trace.unlink()
         print("SERVED-RECORD " + json.dumps(rec), flush=True)
+        plain[name] = seconds_total
+        if overrides.get("preview"):
+            _preview_record(name, arrivals, seconds_total, plain.get(name.removesuffix("-preview")), result)
         predictor._cleanup_previous()
         first = False
     return 0

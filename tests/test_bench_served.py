@@ -17,15 +17,18 @@ PREDICTION_FIELDS = ("path", "gpu", "mode", "resolution", "speakers", "lora", "e
                      "gpu_seconds_per_video_second", "first_prediction_seconds", "recompiles", "gpu_idle_fraction",
                      "peak_memory_gb", "measured")
 SETUP_FIELDS = ("path", "kind", "setup_seconds", "weights_gb", "page_cache", "measured")
+PREVIEW_FIELDS = ("path", "kind", "seconds_to_first_preview", "overhead_fraction", "measured")  # issue 14
 
 
 def _check(record: dict) -> None:
     assert record["path"] == "served"
-    fields = SETUP_FIELDS if record.get("kind") == "setup" else PREDICTION_FIELDS
+    fields = {"setup": SETUP_FIELDS, "preview": PREVIEW_FIELDS}.get(record.get("kind"), PREDICTION_FIELDS)
     assert [f for f in fields if f not in record] == [], record.get("name")
     assert record["measured"] is True or (isinstance(record["measured"], str) and record["measured"])
     if record.get("kind") == "setup":
         assert record["page_cache"] in ("cold", "warm") and record["setup_seconds"] > 0
+    elif record.get("kind") == "preview":
+        assert 0 < record["seconds_to_first_preview"] < record["prediction_seconds"]
     else:
         assert record["mode"] in ("exact", "turbo", "turbo-1nfe", "fp8-turbo")
         assert record["lora"] in ("adapter", "fused", "none", "adapter-disabled", "unmerged")
@@ -53,7 +56,7 @@ def test_served_benchmark_dry_run_on_the_cpu(tmp_path):
     records = json.loads(out.read_text())
     for record in records:
         _check(record)
-    setup, turbo, two = records
+    setup, turbo, two, with_previews, preview = records
     assert setup["kind"] == "setup" and setup["server"] == "switchable"
     assert turbo["mode"] == "turbo" and turbo["num_chunks"] == 2
     assert turbo["lora"] == "fused" and turbo["lora_strategy"] == "merge"  # a switchable server runs turbo merged
@@ -62,3 +65,7 @@ def test_served_benchmark_dry_run_on_the_cpu(tmp_path):
     assert turbo["gpu_seconds_per_video_second"] > 0 and turbo["recompiles"] == 0  # no compile on the CPU
     assert two["speakers"] == 2 and two["lora"] == "unmerged" and two["output"]["frames"] == 50
     assert two["lora_switch_seconds"] > 0  # exact after turbo: the adapted weights read again
+    # issue 14's record: the previews came before the video, and their cost against the same prediction
+    assert with_previews["output"]["frames"] == 150 and preview["kind"] == "preview" and preview["previews"] == 2
+    assert preview["output_arrivals"] == sorted(preview["output_arrivals"]) and len(preview["output_arrivals"]) == 3
+    assert preview["baseline_seconds"] == turbo["prediction_seconds"] and preview["overhead_fraction"] > -1
