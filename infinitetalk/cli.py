@@ -152,14 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         # Under torchrun every process runs this; --num-gpus N spawns the other ranks.
         pipe = build_pipeline(settings, device=args.device)
         context = getattr(pipe, "parallel", None)
-        hls = None
+        live = {}
         if args.hls is not None:
             from .preview import HLSOutput
 
-            hls = HLSOutput(args.hls, on_segment=lambda seg: logging.getLogger("infinitetalk").info(
+            live["hls"] = HLSOutput(args.hls, on_segment=lambda seg: logging.getLogger("infinitetalk").info(
                 "live: %s/index.m3u8 now plays %.2f s", seg.folder, seg.seconds))
         result = pipe.generate(request, args.out, show_progress=not args.quiet and (context is None or context.is_main),
-                               hls=hls)
+                               **live)
     except (InputError, GenerationError, WeightsError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

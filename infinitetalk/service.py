@@ -161,8 +161,9 @@ def run_job(pipe, inputs: Mapping[str, Any], workdir: str | os.PathLike, *,
         tracker = ProgressTracker(metric, on_progress, should_stop)
         try:
             probe_request(request)  # every file's header and limits, before any model work
+            live = {"hls": _previews(workdir, on_preview, log)} if on_preview is not None else {}
             result = pipe.generate(request, workdir / "output.mp4", callback=tracker, show_progress=show_progress,
-                                   hls=_previews(workdir, on_preview, log) if on_preview is not None else None)
+                                   **live)
         except InputError as exc:
             # Input files have generated names (cog's tmpab12cd34file.png, our downloads): name the input.
             raise InputError(name_inputs(str(exc), labels)) from None
