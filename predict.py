@@ -31,8 +31,9 @@ DEFAULT_PROMPT = "A person is talking naturally, looking at the camera."
 # cog 0.23 (coglet) turns an exception raised by run() (a generator: the output is a list of files) into
 # the prediction's error string as "Prediction failed: Generator iteration error: <type name>: <message>":
 # both prefixes are coglet's (the Display of its PredictionError, its generator driver) and the type name
-# is the exception class's __qualname__ (PyO3's Display of a PyErr). Only the type name is ours: a user's mistake reads "... invalid input: width and height must be given
-# together" rather than "... InputError: ...". The classes stay InputError / GenerationError.
+# is the exception class's __qualname__ (PyO3's Display of a PyErr). Only the type name is ours: a user's
+# mistake reads "... invalid input: width and height must be given together" rather than
+# "... InputError: ...". The classes stay InputError / GenerationError.
 class InvalidInput(InputError):
     """An input the prediction refuses; shown by cog as ``invalid input: <message>``."""
 
