@@ -88,27 +88,32 @@ def _children(buf: bytes, off: int, size: int):
     return _boxes(buf, off + header, off + size)
 
 
+def _nested(buf: bytes, *path: str, start: int = 0, end: int | None = None):
+    """(offset, size) of every box at ``path`` (e.g. ``"moov", "trak"``) in ``buf[start:end]``."""
+    for kind, off, size in _boxes(buf, start, end):
+        if kind != path[0]:
+            continue
+        if len(path) == 1:
+            yield off, size
+        else:
+            for child_off, child_size in _nested_children(buf, off, size, path[1:]):
+                yield child_off, child_size
+
+
+def _nested_children(buf: bytes, off: int, size: int, path: tuple[str, ...]):
+    header = 16 if struct.unpack_from(">I", buf, off)[0] == 1 else 8
+    return _nested(buf, *path, start=off + header, end=off + size)
+
+
 def _timescales(init: bytes) -> dict[int, int]:
     """track_ID -> media timescale, from an init segment's ``moov``."""
     scales = {}
-    for kind, off, size in _boxes(init):
-        if kind != "moov":
-            continue
-        for trak, t_off, t_size in _children(init, off, size):
-            if trak != "trak":
-                continue
-            track_id = scale = None
-            for kind2, o2, s2 in _children(init, t_off, t_size):
-                if kind2 == "tkhd":
-                    version = init[o2 + 8]
-                    track_id = struct.unpack_from(">I", init, o2 + (28 if version == 1 else 20))[0]
-                elif kind2 == "mdia":
-                    for kind3, o3, _ in _children(init, o2, s2):
-                        if kind3 == "mdhd":
-                            version = init[o3 + 8]
-                            scale = struct.unpack_from(">I", init, o3 + (28 if version == 1 else 20))[0]
-            if track_id is not None and scale:
-                scales[track_id] = scale
+    for t_off, t_size in _nested(init, "moov", "trak"):
+        (tkhd, _), (mdhd, _) = (next(_nested_children(init, t_off, t_size, path))
+                                for path in (("tkhd",), ("mdia", "mdhd")))
+        # version 1 boxes carry 64-bit times before the field: track_ID / timescale sit 8 bytes later
+        track_id = struct.unpack_from(">I", init, tkhd + (28 if init[tkhd + 8] == 1 else 20))[0]
+        scales[track_id] = struct.unpack_from(">I", init, mdhd + (28 if init[mdhd + 8] == 1 else 20))[0]
     return scales
 
 
@@ -123,27 +128,20 @@ def _split(data: bytes) -> tuple[bytes, bytes]:
 def _shift(fragments: bytes, offsets: dict[int, int]) -> bytes:
     """Add ``offsets[track_ID]`` ticks to every ``tfdt`` (the fragments' decode times)."""
     buf = bytearray(fragments)
-    for kind, off, size in _boxes(buf):
-        if kind != "moof":
-            continue
-        for traf, t_off, t_size in _children(buf, off, size):
-            if traf != "traf":
-                continue
-            track_id = None
-            for kind2, o2, _ in _children(buf, t_off, t_size):
-                if kind2 == "tfhd":
-                    track_id = struct.unpack_from(">I", buf, o2 + 12)[0]
-                elif kind2 == "tfdt":
-                    if track_id not in offsets:
-                        raise MediaToolError(f"fragment of an unknown track {track_id}")
-                    if buf[o2 + 8] == 1:
-                        value = struct.unpack_from(">Q", buf, o2 + 12)[0] + offsets[track_id]
-                        struct.pack_into(">Q", buf, o2 + 12, value)
-                    else:
-                        value = struct.unpack_from(">I", buf, o2 + 12)[0] + offsets[track_id]
-                        if value >= 2**32:
-                            raise MediaToolError("fragment decode time overflows a 32-bit tfdt")
-                        struct.pack_into(">I", buf, o2 + 12, value)
+    for t_off, t_size in _nested(buf, "moof", "traf"):
+        track_id = None
+        for kind, off, _ in _children(buf, t_off, t_size):
+            if kind == "tfhd":
+                track_id = struct.unpack_from(">I", buf, off + 12)[0]
+            elif kind == "tfdt":
+                if track_id not in offsets:
+                    raise MediaToolError(f"fragment of an unknown track {track_id}")
+                wide = buf[off + 8] == 1  # version 1: a 64-bit decode time
+                fmt = ">Q" if wide else ">I"
+                value = struct.unpack_from(fmt, buf, off + 12)[0] + offsets[track_id]
+                if not wide and value >= 2**32:
+                    raise MediaToolError("fragment decode time overflows a 32-bit tfdt")
+                struct.pack_into(fmt, buf, off + 12, value)
     return bytes(buf)
 
 

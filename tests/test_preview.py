@@ -122,3 +122,26 @@ def test_cli_refuses_a_live_folder_that_is_not_empty(tmp_path, portrait, make_sp
     rc = cli.main(["--image", str(portrait), "--audio", str(make_speech(1.0, "cli-live")), "--out",
                    str(tmp_path / "o.mp4"), "--hls", str(tmp_path / "hls"), "--weights", str(tmp_path / "none")])
     assert rc == 2
+
+
+def test_fragment_times_move_by_track_in_both_tfdt_versions():
+    import struct
+
+    from infinitetalk.media import MediaToolError
+    from infinitetalk.preview import _shift
+
+    def box(kind: str, payload: bytes) -> bytes:
+        return struct.pack(">I4s", 8 + len(payload), kind.encode()) + payload
+
+    def fragment(track: int, version: int, time: int) -> bytes:
+        tfhd = box("tfhd", struct.pack(">II", 0, track))
+        tfdt = box("tfdt", bytes([version, 0, 0, 0]) + struct.pack(">Q" if version else ">I", time))
+        return box("moof", box("mfhd", struct.pack(">II", 0, 1)) + box("traf", tfhd + tfdt)) + box("mdat", b"x")
+
+    data = fragment(1, 1, 5) + fragment(2, 0, 7)
+    shifted = _shift(data, {1: 2**40, 2: 100})
+    assert shifted == fragment(1, 1, 5 + 2**40) + fragment(2, 0, 107)
+    with pytest.raises(MediaToolError, match="overflows"):
+        _shift(fragment(2, 0, 7), {2: 2**32})
+    with pytest.raises(MediaToolError, match="unknown track 3"):
+        _shift(fragment(3, 1, 0), {1: 0})
