@@ -153,6 +153,16 @@ def warm_page_cache(root: Path) -> str:
     return "warm"
 
 
+def _page_cache(weights: Path, policy: str) -> str:
+    """The first server's page cache: ``warm`` (every file read once, as on a warm restart), ``written``
+    (as this command just wrote them: in the page cache, not re-read; recorded as warm) or ``cold``."""
+    if policy == "warm":
+        return warm_page_cache(weights)
+    if policy == "written":
+        return "warm"
+    return drop_page_cache(weights)
+
+
 def cached_fraction(root: Path) -> float | None:
     """Share of the weights' pages in the page cache (mincore through ``fincore`` when installed)."""
     if shutil.which("fincore") is None:
@@ -177,6 +187,8 @@ SERVERS = {
     "switchable": {},  # the default server: exact and turbo (the LoRA merged for turbo on one GPU)
     "fused": {"INFINITETALK_FUSE_TURBO": "1"},
     "fp8": {"INFINITETALK_MEMORY_MODE": "fp8"},
+    # the default server without the setup warm-up: its first request compiles (chunk 1); later chunks are as served
+    "switchable-nowarm": {"INFINITETALK_WARMUP": "off"},
 }
 
 #: Predictions: (record mode, audio seconds, speakers, run() inputs); ``seq-*`` are the short predictions of
@@ -225,6 +237,8 @@ PLANS = {
     "final": [("switchable", ["turbo", "turbo-1nfe"]), ("fused", ["turbo"]), ("switchable", [])],
     # the switchable server with turbo merged: turbo, the switches to exact and back, two speakers over two chunks
     "merged": [("switchable", ["turbo", "seq-exact-640", "seq-turbo-640", "turbo-2spk"])],
+    # the least device time that measures the merged default's steady turbo chunk (chunk 2 of 2)
+    "merged-quick": [("switchable-nowarm", ["turbo"])],
     # CPU dry run of the whole flow with tiny weights at 64x64 (BENCH_SMOKE=1; tests/test_bench_served.py)
     "smoke": [("switchable", ["smoke-turbo", "smoke-exact-2spk", "smoke-turbo-preview"])],
     # issue 14: time to the first preview and the cost of previews, turbo 480p as served
@@ -264,14 +278,9 @@ def bench_served(args) -> list[dict]:
     inputs.mkdir(parents=True, exist_ok=True)
     first_server = True
     command = (f"python scripts/benchmark.py served --plan {args.plan} --scratch {args.scratch}"
-               + (" --page-cache warm" if args.page_cache == "warm" else ""))
+               + (f" --page-cache {args.page_cache}" if args.page_cache != "cold" else ""))
     for server, names in PLANS[args.plan]:
-        if not first_server:
-            page_cache = "warm"
-        elif args.page_cache == "warm":  # every weight file read once: resident, as on a warm restart
-            page_cache = warm_page_cache(weights)
-        else:
-            page_cache = drop_page_cache(weights)
+        page_cache = _page_cache(weights, args.page_cache) if first_server else "warm"
         cached = cached_fraction(weights)
         out = scratch / f"{server}-{int(time.time())}.jsonl"
         child_env = dict(os.environ, INFINITETALK_WEIGHTS=str(weights), PYTHONUNBUFFERED="1", **SERVERS[server])
@@ -512,6 +521,7 @@ def child(argv) -> int:
             "timings": {k: round(v, 2) if isinstance(v, (int, float)) else [round(x, 2) for x in v]
                         for k, v in result.timings.items() if isinstance(v, (int, float, list))},
             "num_gpus": num_gpus, "gpu_idle_fraction": None, "measured": True,
+            "warmup": os.environ.get("INFINITETALK_WARMUP", "auto"),
         }
         if name.startswith("seq-"):
             rec["sequence"] = True

@@ -146,8 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("what", choices=COMMANDS)
     ap.add_argument("--scratch", default="/tmp/infinitetalk-setup-bench", help="setup: where to write weights")
     ap.add_argument("--plan", default="main", help="served: which servers and predictions (bench_served.PLANS)")
-    ap.add_argument("--page-cache", default="cold", choices=["cold", "warm"],
-                    help="served: the first server starts with the weights evicted (cold) or read once (warm)")
+    ap.add_argument("--page-cache", default="cold", choices=["cold", "warm", "written"],
+                    help="served: the first server starts with the weights evicted (cold), read once (warm), or as "
+                         "this command just wrote them (written: in the page cache, recorded as warm)")
     ap.add_argument("--resolutions", default="480p", type=lambda s: s.split(","))
     ap.add_argument("--backends", default="_native_cudnn", type=lambda s: s.split(","))
     ap.add_argument("--speakers", default="1", type=lambda s: [int(x) for x in s.split(",")])
