@@ -8,8 +8,8 @@ import psutil
 
 
 def writer_threads() -> list[threading.Thread]:
-    """Live writer threads of :class:`infinitetalk.media.VideoWriter`."""
-    return [t for t in threading.enumerate() if t.name.startswith("VideoWriter")]
+    """Live writer threads of :class:`infinitetalk.media.VideoWriter` and :class:`infinitetalk.preview.HLSWriter`."""
+    return [t for t in threading.enumerate() if t.name.startswith(("VideoWriter", "HLSWriter"))]
 
 
 def ffmpeg_children() -> list[psutil.Process]:

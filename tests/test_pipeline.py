@@ -15,6 +15,7 @@ import hashlib
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,28 @@ def test_cancel_while_the_encoder_is_stuck_leaves_nothing(pipe, portrait, speech
         watchdog.cancel()
     assert stopped and not resumed.is_set()
     assert list(tmp_path.iterdir()) == []
+    assert not writer_threads() and not ffmpeg_children()
+
+
+def test_cancel_with_a_live_folder_removes_its_segments_too(pipe, portrait, speech5, tmp_path):
+    """Cancelled after chunk 0 was written: the MP4's partial file and every live segment and playlist go,
+    and no writer thread or ffmpeg is left."""
+    from infinitetalk.preview import HLSOutput
+
+    segments = []
+
+    def callback(event):
+        if event.chunk == 1:
+            deadline = time.monotonic() + 60
+            while not segments and time.monotonic() < deadline:  # chunk 0's segment is in the playlist
+                time.sleep(0.05)
+            raise _Cancel()
+
+    with pytest.raises(_Cancel):
+        pipe.generate(request(portrait, speech5, steps=1), tmp_path / "out.mp4", callback=callback,
+                      show_progress=False, hls=HLSOutput(tmp_path / "live", on_segment=segments.append))
+    assert len(segments) == 1  # there was something to remove
+    assert list((tmp_path / "live").iterdir()) == [] and not (tmp_path / "out.mp4").exists()
     assert not writer_threads() and not ffmpeg_children()
 
 
