@@ -79,7 +79,7 @@ INPUTS: dict[str, InputSpec] = {
 #: Request fields that are not public inputs, and the library's own relaxations of the table:
 #: the CLI and the library take an x264 CRF directly, and have no length cap.
 REQUEST_ONLY: dict[str, InputSpec] = {
-    "crf": InputSpec("int", 18, 0, 51),
+    "crf": InputSpec("int", 16, 0, 51),  # 16 = quality_to_crf(8): the front ends' default quality
     "max_duration": replace(INPUTS["max_duration"], le=None),
 }
 
@@ -227,7 +227,7 @@ class GenerationRequest:
     seed: int | None = None  # None -> drawn in 0..MAX_SEED by the pipeline
     color_correction: float = 1.0
     apg: bool = False
-    crf: int = 18
+    crf: int = 16  # the servers' and the CLI's default (quality 8); the CLI's --crf and the library take any 0-51
     turbo: bool = False  # distilled LoRA mode: needs a pipeline loaded with the LoRA
     step_cache: float = 0.0  # TeaCache-rule threshold (0 = off; 0.2-0.5 trade quality for speed)
 

@@ -106,6 +106,7 @@ def test_inputs_are_documented_with_defaults_and_ranges():
     assert (turbo.steps, turbo.text_guidance, turbo.audio_guidance, turbo.shift) == (4, 1.0, 2.0, 2.0)
     assert d["seed"] is None and d["audio_2"] is None and d["width"] is None
     assert predict.quality_to_crf(d["quality"]) == 16
+    assert GenerationRequest(image="x", audio="y").crf == 16  # the library's own default is the servers'
     # Literals in the Input() calls (for cog build's static parser) agree with the code's constants.
     from infinitetalk.pipeline import DEFAULT_PROMPT
 
