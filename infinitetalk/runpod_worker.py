@@ -157,9 +157,15 @@ class RunPodWorker:
         t0 = time.perf_counter()
         job_input = job.get("input")
         wants = on_preview is not None and isinstance(job_input, Mapping) and job_input.get("preview") is True
-        result = run_input_job(self.pipe, job_input, jobdir, settings, should_stop=should_stop,
-                               on_progress=on_progress, log=self.log,
-                               on_preview=self._previewer(job_id, on_preview) if wants else None)
+        uploaded: list[str] = []  # the previews' keys: removed again if the job does not complete
+        try:
+            result = run_input_job(self.pipe, job_input, jobdir, settings, should_stop=should_stop,
+                                   on_progress=on_progress, log=self.log,
+                                   on_preview=self._previewer(job_id, on_preview, uploaded) if wants else None)
+        except BaseException:
+            if uploaded and self.storage is not None:
+                self.storage.delete(uploaded)
+            raise
         out = result_fields(result)
         size = result.path.stat().st_size
         if self.storage is not None:
@@ -175,8 +181,10 @@ class RunPodWorker:
         out["seconds"] = round(time.perf_counter() - t0, 2)
         return out
 
-    def _previewer(self, job_id: str, on_preview: Callable[[dict], None]) -> Callable[[Path, float], None]:
-        """Deliver each preview MP4 as the video is (bucket, else inline when small enough), as an item."""
+    def _previewer(self, job_id: str, on_preview: Callable[[dict], None],
+                   uploaded: list[str]) -> Callable[[Path, float], None]:
+        """Deliver each preview MP4 as the video is (bucket, else inline when small enough), as an item;
+        the keys of uploaded previews go to ``uploaded``."""
         count = [0]
 
         def deliver(path: Path, seconds: float) -> None:
@@ -185,6 +193,7 @@ class RunPodWorker:
             size = path.stat().st_size
             if self.storage is not None:
                 upload = self.storage.upload(path, job_id=job_id)
+                uploaded.append(upload.key)
                 item.update(preview_url=upload.url, key=upload.key, bytes=upload.size)
             elif size <= self.settings.inline_max_bytes:
                 item.update(preview_url="data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode(),

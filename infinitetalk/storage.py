@@ -226,6 +226,16 @@ class S3Storage:
         return self.client.generate_presigned_url("get_object", Params={"Bucket": self.config.bucket, "Key": key},
                                                   ExpiresIn=self.config.url_expiry)
 
+    def delete(self, keys: list[str]) -> None:
+        """Remove objects this worker uploaded (a cancelled or failed job's previews); failures are logged only."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        for key in keys:
+            try:
+                self.client.delete_object(Bucket=self.config.bucket, Key=key)
+            except (BotoCoreError, ClientError) as exc:
+                logger.warning("could not delete %s from %s: %s", key, self.where(), exc)
+
     def upload(self, path: str | os.PathLike, job_id: str | None = None, content_type: str = "video/mp4") -> Upload:
         """Upload ``path`` (multipart at or above the threshold) and return its presigned URL."""
         from boto3.exceptions import S3UploadFailedError

@@ -422,6 +422,40 @@ def test_production_job_loop_fails_an_invalid_job_and_aggregates_the_stream(pipe
     assert _leftovers(tmp_path) == []
 
 
+def test_a_cancelled_job_removes_the_previews_it_uploaded(pipe, portrait, make_speech, s3_server, tmp_path,
+                                                         monkeypatch):
+    """Cancelled after its first preview was uploaded and streamed: the job stops, its files go, and the
+    uploaded preview is deleted from the bucket (nothing of an unfinished job stays)."""
+    from infinitetalk.runpod_worker import RunPodWorker, WorkerSettings
+    from infinitetalk.storage import storage_from_env
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    worker = RunPodWorker(pipe, WorkerSettings(progress_interval_s=0), storage_from_env(s3_server.env()),
+                          progress=lambda job, update: None)
+    job = {"id": "cancel-previews", "input": _tiny(image=data_url(portrait, "image/png"), steps=1, preview=True,
+                                                    audio=data_url(make_speech(10.0, "rp_long"), "audio/wav"))}
+    before = set(s3_server.keys())
+    seen: list[dict] = []
+
+    async def scenario():
+        async def consume():
+            async for item in worker.handler(job):
+                seen.append(item)
+
+        task = asyncio.create_task(consume())
+        while not seen:
+            assert not task.done(), task.result()
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=JOB_TIMEOUT_S))
+    assert seen[0]["preview"] == 0 and seen[0]["key"].startswith("infinitetalk/cancel-previews/")
+    assert seen[0]["key"] not in s3_server.keys() and set(s3_server.keys()) == before
+    assert _leftovers(tmp_path) == [] and not ffmpeg_descendants()
+
+
 def test_too_big_for_inline_without_a_bucket_is_a_clear_error(pipe, portrait, make_speech, tmp_path, monkeypatch):
     from infinitetalk.runpod_worker import RunPodWorker, WorkerSettings
 
