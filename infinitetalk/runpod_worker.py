@@ -167,40 +167,43 @@ class RunPodWorker:
                 self.storage.delete(uploaded)
             raise
         out = result_fields(result)
-        size = result.path.stat().st_size
-        if self.storage is not None:
-            upload = self.storage.upload(result.path, job_id=job_id)
-            out.update(upload_fields(upload))
-            self.log(f"job {job_id}: uploaded {upload.size} bytes to {upload.key}")
-        elif size <= settings.inline_max_bytes:
-            out.update(video_url="data:video/mp4;base64," + base64.b64encode(result.path.read_bytes()).decode(),
-                       storage="inline", bytes=size)
-        else:
-            raise StorageError(f"the video is {size_text(size)}, more than the {size_text(settings.inline_max_bytes)} "
-                               "that can be returned inline: configure an output bucket (INFINITETALK_OUTPUT_BUCKET)")
+        delivered = self._deliver(result.path, job_id)
+        if delivered is None:
+            raise StorageError(f"the video is {size_text(result.path.stat().st_size)}, more than the "
+                               f"{size_text(settings.inline_max_bytes)} that can be returned inline: configure an "
+                               "output bucket (INFINITETALK_OUTPUT_BUCKET)")
+        out.update(delivered)
         out["seconds"] = round(time.perf_counter() - t0, 2)
         return out
 
+    def _deliver(self, path: Path, job_id: str) -> dict | None:
+        """An MP4 as output fields: uploaded to the bucket (``upload_fields``: a presigned ``video_url``, its
+        key, size, hash, expiry), else inline as a ``data:`` URL when small enough; None when neither."""
+        if self.storage is not None:
+            upload = self.storage.upload(path, job_id=job_id)
+            self.log(f"job {job_id}: uploaded {upload.size} bytes to {upload.key}")
+            return upload_fields(upload)
+        size = path.stat().st_size
+        if size > self.settings.inline_max_bytes:
+            return None
+        return {"video_url": "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode(),
+                "storage": "inline", "bytes": size}
+
     def _previewer(self, job_id: str, on_preview: Callable[[dict], None],
                    uploaded: list[str]) -> Callable[[Path, float], None]:
-        """Deliver each preview MP4 as the video is (bucket, else inline when small enough), as an item;
-        the keys of uploaded previews go to ``uploaded``."""
+        """Deliver each preview MP4 as the video is (:meth:`_deliver`), as an item whose ``preview_url`` is
+        the delivered URL; the keys of uploaded previews go to ``uploaded``."""
         count = [0]
 
         def deliver(path: Path, seconds: float) -> None:
-            item = {"preview": count[0], "seconds": round(seconds, 3)}
+            delivered = self._deliver(path, job_id)
+            if delivered is None:  # too big to send inline and no bucket: the final video says why
+                return
+            if delivered["storage"] == "s3":
+                uploaded.append(delivered["key"])
+            on_preview({"preview": count[0], "seconds": round(seconds, 3),
+                        "preview_url": delivered.pop("video_url"), **delivered})
             count[0] += 1
-            size = path.stat().st_size
-            if self.storage is not None:
-                upload = self.storage.upload(path, job_id=job_id)
-                uploaded.append(upload.key)
-                item.update(preview_url=upload.url, key=upload.key, bytes=upload.size)
-            elif size <= self.settings.inline_max_bytes:
-                item.update(preview_url="data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode(),
-                            bytes=size)
-            else:
-                return  # too big to send inline and no bucket: the final video says why
-            on_preview(item)
 
         return deliver
 
