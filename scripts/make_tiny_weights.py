@@ -17,6 +17,15 @@ tiny random models (a few MB in total, written in a few seconds, no network)::
     DIR/chinese-wav2vec2-base/                         HF Wav2Vec2Model, legacy weight_g/weight_v names
     DIR/lightx2v/<TURBO_FILE>                          only with --with-turbo-lora: the turbo LoRA, every key
                                                        kind of the real file (see :func:`turbo_lora_shapes`)
+    DIR/Kokoro-82M/                                    text to speech (unless --no-tts): config.json (the real
+                                                       phoneme vocabulary, a smaller ALBERT), kokoro-v1_0.pth
+                                                       (the five state dicts KModel loads, fp16), voices/*.pt
+    DIR/en_core_web_sm/                                a tiny spaCy pipeline (tok2vec + tagger, random), the
+                                                       on-disk layout of spaCy's English model
+
+The text-to-speech part is the largest (about 120 MB): Kokoro's decoder has fixed widths of 512 and
+1024 channels that a config cannot shrink. The test suite's shared folder leaves it out (``--no-tts``)
+and makes it once for the text-input tests.
 
 All sizes live in :data:`TINY` (a frozen :class:`TinySpec`) so tests can import
 them. Weights are random but sane: linear/conv weights N(0, 1/fan_in), biases
@@ -35,6 +44,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from infinitetalk import speech  # noqa: E402  (the voice list and folder names of the text input)
 
 WAN_DIR = "Wan2.1-I2V-14B-480P-Diffusers"
 INFINITETALK_DIR = "InfiniteTalk"
@@ -552,6 +564,93 @@ def write_turbo_lora(root: Path, spec: TinySpec = TINY, seed: int = 0, rank: int
 # --------------------------------------------------------------------------- helpers
 
 
+# --------------------------------------------------------------------------- text to speech
+
+#: Kokoro-82M v1.0's phoneme vocabulary (config.json ``vocab``: symbol -> token id, 114 symbols of 178 ids).
+KOKORO_SYMBOLS = (';:,.!?—…"()\u201c\u201d \u0303ʣʥʦʨᵝ\uab67AIOQSTWYᵊabcdefhijklmnopqrstuvwxyz'
+                  'ɑɐɒæβɔɕçɖðʤəɚɛɜɟɡɥɨɪʝɯɰŋɳɲɴøɸθœɹɾɻʁɽʂʃʈʧʊʋʌɣɤχʎʒʔˈˌːʰʲ↓→↗↘ᵻ')
+KOKORO_IDS = (*range(1, 7), 9, 10, 11, 12, 13, 14, 15, 16, *range(17, 26), 31, 33, 35, 36, 39, 41, 42,
+              *range(43, 49), *range(50, 73), 75, 76, 77, 78, 80, 81, 82, 83, 85, 86, 87, 90, 92, 99, 101, 102,
+              103, 110, 111, 112, 113, 114, 115, 116, 118, 119, 120, 123, 125, 126, 128, 129, 130, 131, 132, 133,
+              135, 136, 138, 139, 140, 142, 143, 147, 148, 156, 157, 158, 162, 164, 169, 171, 172, 173, 177)
+#: Frames per phoneme the tiny duration predictor aims at (Kokoro: 40 frames a second), so that random
+#: weights speak at a human rate (about 16 phonemes a second) rather than Kokoro's untrained ~25 frames each.
+TINY_FRAMES_PER_PHONEME = 2.5
+
+
+def kokoro_config() -> dict:
+    """Kokoro-82M's config.json with a one-layer, 32-wide ALBERT, one LSTM/CNN layer and one resblock per
+    upsampling (the real: 768-wide 12-layer ALBERT, 3 layers, 3 resblocks); every other width is fixed by
+    the kokoro code (hidden_dim 512, style_dim 128) and kept."""
+    assert len(KOKORO_SYMBOLS) == len(KOKORO_IDS)
+    return {
+        "istftnet": {"upsample_kernel_sizes": [20, 12], "upsample_rates": [10, 6], "gen_istft_hop_size": 5,
+                     "gen_istft_n_fft": 20, "resblock_dilation_sizes": [[1, 3, 5]], "resblock_kernel_sizes": [3],
+                     "upsample_initial_channel": 512},
+        "dim_in": 64, "dropout": 0.2, "hidden_dim": 512, "max_conv_dim": 512, "max_dur": 50, "multispeaker": True,
+        "n_layer": 1, "n_mels": 80, "n_token": 178, "style_dim": 128, "text_encoder_kernel_size": 5,
+        "plbert": {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64,
+                   "max_position_embeddings": 512, "num_hidden_layers": 1, "dropout": 0.1},
+        "vocab": dict(zip(KOKORO_SYMBOLS, KOKORO_IDS)),
+    }
+
+
+def write_kokoro(root: Path, gen: torch.Generator) -> None:
+    """``root/Kokoro-82M``: config.json, kokoro-v1_0.pth ({bert, bert_encoder, predictor, text_encoder,
+    decoder} state dicts, as ``kokoro.KModel`` loads them) and one [510, 1, 256] style pack per voice."""
+    import warnings
+
+    from kokoro import KModel
+
+    folder = root / speech.KOKORO_DIR
+    (folder / "voices").mkdir(parents=True, exist_ok=True)
+    _write_json(folder / speech.KOKORO_CONFIG, kokoro_config())
+    empty = folder / "empty.pth"
+    torch.save({}, empty)  # KModel builds its modules from the config, then loads this (nothing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # kokoro's weight_norm deprecation and single-layer LSTM dropout
+        model = KModel(repo_id="hexgrad/Kokoro-82M", config=str(folder / speech.KOKORO_CONFIG), model=str(empty))
+    empty.unlink()
+    _randomise_(model, gen)
+    with torch.no_grad():  # short, human-rate durations: sigmoid(bias) * max_dur bins ~ frames per phoneme
+        proj = model.predictor.duration_proj.linear_layer
+        proj.weight.mul_(0.01)
+        proj.bias.fill_(float(torch.logit(torch.tensor(TINY_FRAMES_PER_PHONEME / 50))))
+    parts = ("bert", "bert_encoder", "predictor", "text_encoder", "decoder")
+    torch.save({k: {n: t.half() if t.is_floating_point() else t for n, t in getattr(model, k).state_dict().items()}
+                for k in parts}, folder / speech.KOKORO_FILE)
+    for voice in speech.VOICES:
+        torch.save(torch.randn((510, 1, 256), generator=gen) * 0.3, folder / "voices" / f"{voice}.pt")
+
+
+def write_spacy_tagger(root: Path, seed: int) -> None:
+    """``root/en_core_web_sm``: a blank English spaCy pipeline with a small tok2vec and an untrained
+    tagger over Penn Treebank tags (the two components misaki's English G2P enables), saved with
+    ``to_disk`` as spaCy's packaged models are."""
+    import spacy
+
+    spacy.util.fix_random_seed(seed)
+    nlp = spacy.blank("en")
+    nlp.add_pipe("tok2vec", config={"model": {
+        "@architectures": "spacy.HashEmbedCNN.v2", "width": 16, "depth": 1, "embed_size": 100, "window_size": 1,
+        "maxout_pieces": 2, "subword_features": True, "pretrained_vectors": None}})
+    tagger = nlp.add_pipe("tagger", config={"model": {
+        "@architectures": "spacy.Tagger.v2",
+        "tok2vec": {"@architectures": "spacy.Tok2VecListener.v1", "width": 16, "upstream": "tok2vec"}}})
+    for tag in ("NN", "NNS", "NNP", "VB", "VBD", "VBZ", "VBP", "VBN", "VBG", "JJ", "RB", "DT", "IN", "PRP", "CC",
+                "CD", ".", ",", "UH"):
+        tagger.add_label(tag)
+    nlp.initialize()
+    nlp.meta.update(name="core_web_sm", version="3.8.0")
+    nlp.to_disk(root / speech.SPACY_DIR)
+
+
+def write_tts(root: Path, seed: int = 0) -> None:
+    """Both text-to-speech folders, from their own generator (the other files do not depend on them)."""
+    write_kokoro(root, torch.Generator().manual_seed(seed + 1))
+    write_spacy_tagger(root, seed)
+
+
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -573,10 +672,12 @@ def make_tiny_weights(
     with_base_overrides: bool = False,
     spec: TinySpec = TINY,
     with_turbo_lora: bool = False,
+    with_tts: bool = True,
 ) -> Path:
     """Write the whole tiny weights tree into ``out_dir``; return ``out_dir``.
 
-    The turbo LoRA is opt-in: a pipeline loaded from a folder that has one attaches it.
+    The turbo LoRA is opt-in: a pipeline loaded from a folder that has one attaches it. The text to
+    speech folders are written unless ``with_tts`` is False.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -595,6 +696,8 @@ def make_tiny_weights(
     write_wav2vec2(out_dir, spec, gen)
     if with_turbo_lora:  # its own generator: the other files stay the same with or without it
         write_turbo_lora(out_dir, spec, seed)
+    if with_tts:
+        write_tts(out_dir, seed)
     return out_dir
 
 
@@ -612,12 +715,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"also write the turbo LoRA {TURBO_DIR}/{TURBO_FILE} (every key kind of the real file)",
     )
+    parser.add_argument(
+        "--no-tts",
+        action="store_true",
+        help=f"leave out the text-to-speech folders {speech.KOKORO_DIR}/ and {speech.SPACY_DIR}/ (about 120 MB)",
+    )
     args = parser.parse_args(argv)
     start = time.monotonic()
     out = make_tiny_weights(
-        args.out_dir, seed=args.seed, with_base_overrides=args.with_base_overrides, with_turbo_lora=args.with_turbo_lora
+        args.out_dir, seed=args.seed, with_base_overrides=args.with_base_overrides,
+        with_turbo_lora=args.with_turbo_lora, with_tts=not args.no_tts,
     )
-    for sub in (WAN_DIR, INFINITETALK_DIR, WAV2VEC_DIR, TURBO_DIR)[: 3 + args.with_turbo_lora]:
+    subs = [WAN_DIR, INFINITETALK_DIR, WAV2VEC_DIR] + [TURBO_DIR] * args.with_turbo_lora
+    for sub in subs + ([] if args.no_tts else [speech.KOKORO_DIR, speech.SPACY_DIR]):
         print(f"{out / sub}: {_folder_bytes(out / sub) / 1e6:.2f} MB")
     print(f"total {_folder_bytes(out) / 1e6:.2f} MB in {time.monotonic() - start:.1f} s (seed {args.seed})")
     return 0
