@@ -73,8 +73,9 @@ class Predictor(BaseRunner):
             "3600 s.",
             accept="image/*,video/*",
         ),
-        audio: Path = Input(
-            description="Speech of speaker 1 (WAV, MP3, M4A, FLAC, OGG, or a video with sound). "
+        audio: Optional[Path] = Input(
+            default=None,
+            description="Speech of speaker 1 (WAV, MP3, M4A, FLAC, OGG, or a video with sound); or give text instead. "
             "The video is as long as the audio (see max_duration; at most 600 s). Any sample rate and channel "
             "count, silence included; at least 40 ms; NaN/infinite samples are rejected.",
             accept="audio/*,video/*",
@@ -84,6 +85,39 @@ class Predictor(BaseRunner):
             description="Optional speech of speaker 2: makes a two-person conversation with the multi-speaker weights. "
             "Same formats and limits as audio.",
             accept="audio/*,video/*",
+        ),
+        text: Optional[str] = Input(
+            default=None,
+            description="Words to speak instead of audio (Kokoro-82M text to speech; the speech is also the "
+            "soundtrack). A dialogue of two speakers tags each turn: '(s1) Hello! (s2) Hi, how are you?'; each "
+            "turn is spoken in its speaker's voice while the other is silent. At most 5000 characters; the "
+            "language is the voice's.",
+        ),
+        voice: str = Input(
+            default="af_heart",
+            choices=["af_heart", "af_alloy", "af_aoede", "af_bella", "af_jessica", "af_kore", "af_nicole", "af_nova",
+                     "af_river", "af_sarah", "af_sky", "am_adam", "am_echo", "am_eric", "am_fenrir", "am_liam",
+                     "am_michael", "am_onyx", "am_puck", "am_santa", "bf_alice", "bf_emma", "bf_isabella", "bf_lily",
+                     "bm_daniel", "bm_fable", "bm_george", "bm_lewis", "ef_dora", "em_alex", "em_santa", "ff_siwis",
+                     "hf_alpha", "hf_beta", "hm_omega", "hm_psi", "if_sara", "im_nicola", "pf_dora", "pm_alex",
+                     "pm_santa"],
+            description="Voice of text (of speaker 1 in a dialogue). The first letter is the language: a American "
+            "English, b British English, e Spanish, f French, h Hindi, i Italian, p Brazilian Portuguese; the second "
+            "f/m female/male.",
+        ),
+        voice_2: str = Input(
+            default="am_michael",
+            choices=["af_heart", "af_alloy", "af_aoede", "af_bella", "af_jessica", "af_kore", "af_nicole", "af_nova",
+                     "af_river", "af_sarah", "af_sky", "am_adam", "am_echo", "am_eric", "am_fenrir", "am_liam",
+                     "am_michael", "am_onyx", "am_puck", "am_santa", "bf_alice", "bf_emma", "bf_isabella", "bf_lily",
+                     "bm_daniel", "bm_fable", "bm_george", "bm_lewis", "ef_dora", "em_alex", "em_santa", "ff_siwis",
+                     "hf_alpha", "hf_beta", "hm_omega", "hm_psi", "if_sara", "im_nicola", "pf_dora", "pm_alex",
+                     "pm_santa"],
+            description="Voice of speaker 2 in a text dialogue ((s2) turns); same list as voice.",
+        ),
+        speech_speed: float = Input(
+            default=1.0, ge=0.5, le=2.0,
+            description="Speaking rate of text: 1 is natural, 0.5 half as fast, 2 twice as fast.",
         ),
         audio_mode: str = Input(
             default="para",

@@ -36,7 +36,7 @@ def load_options(settings: Settings, device: torch.device) -> dict:
     return dict(memory_mode=resolve_memory_mode(settings.memory_mode, device),
                 compile=device.type == "cuda" if settings.compile is None else settings.compile,
                 fuse_turbo=settings.fuse_turbo, turbo_lora=settings.turbo_lora,
-                attention_backend=settings.attention_backend)
+                attention_backend=settings.attention_backend, text_to_speech=settings.text_to_speech)
 
 
 def _default_device() -> torch.device:

@@ -32,7 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", type=Path, help="reference portrait image")
     src.add_argument("--video", type=Path, help="reference video to dub (V2V), any frame rate")
-    ap.add_argument("--audio", type=Path, required=True, help="speech (any ffmpeg-readable audio or video file)")
+    speech = ap.add_mutually_exclusive_group(required=True)
+    speech.add_argument("--audio", type=Path, help="speech (any ffmpeg-readable audio or video file)")
+    speech.add_argument("--text", default=None,
+                        help="words to speak instead of --audio (Kokoro TTS); a dialogue tags its turns "
+                             "'(s1) ... (s2) ...' and animates two speakers")
+    speech.add_argument("--text-file", type=Path, default=None, help="--text read from a UTF-8 file")
+    ap.add_argument("--voice", default=None, help="voice of --text (of speaker 1 in a dialogue), default af_heart; "
+                                                  "the voices are listed in README.md")
+    ap.add_argument("--voice2", default=None, help="voice of speaker 2 in a dialogue (default am_michael)")
+    ap.add_argument("--speech-speed", type=float, default=1.0, help="speaking rate of --text, 0.5-2 (default 1)")
     ap.add_argument("--audio2", type=Path, default=None, help="second speaker's speech (uses the multi checkpoint)")
     ap.add_argument("--audio-mode", choices=["para", "add"], default="para",
                     help="two speakers: para = simultaneous, add = speaker 1 then speaker 2 (default para)")
@@ -108,8 +117,9 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
     none and one GPU). Raises :class:`SettingsError` for an invalid value."""
     env = os.environ if env is None else env
     weights = args.weights if args.weights is not None else default_weights_dir(env)
+    speaks = getattr(args, "text", None) is not None or getattr(args, "text_file", None) is not None
     return Settings(weights=weights, memory_mode=args.memory_mode, compile=args.compile, num_gpus=args.num_gpus,
-                    turbo_lora=args.lora, attention_backend=args.attention_backend)
+                    turbo_lora=args.lora, attention_backend=args.attention_backend, text_to_speech=speaks)
 
 
 def request_from_args(args: argparse.Namespace):
@@ -117,9 +127,17 @@ def request_from_args(args: argparse.Namespace):
     from .request import DEFAULT_PROMPT, INPUTS, GenerationRequest, quality_to_crf
 
     quality = args.quality if args.quality is not None else INPUTS["quality"].default  # the servers' default
+    text = args.text
+    if args.text_file is not None:
+        try:
+            text = args.text_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"--text-file cannot be read as UTF-8 text: {exc}") from None
+    voices = {k: v for k, v in (("voice", args.voice), ("voice_2", args.voice2)) if v is not None}
 
     return GenerationRequest(
         image=args.image or args.video, audio=args.audio, audio_2=args.audio2, audio_mode=args.audio_mode,
+        text=text, speech_speed=args.speech_speed, **voices,
         bboxes=args.bbox, prompt=args.prompt or DEFAULT_PROMPT, negative_prompt=args.negative_prompt,
         resolution=args.resolution, width=args.width, height=args.height, max_duration=args.max_duration,
         steps=args.steps, text_guidance=args.text_guidance, audio_guidance=args.audio_guidance, shift=args.shift,
@@ -136,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    request = request_from_args(args)
     try:
+        request = request_from_args(args)
         request.validate()
         _check_inputs(args, request)  # before the model load (about a minute with real weights)
     except InputError as exc:

@@ -145,15 +145,15 @@ def probe_speech(path: str | os.PathLike, label: str = "audio") -> None:
 def probe_request(request, labels: Mapping[str, str] | None = None) -> None:
     """Check every input file of ``request`` (a :class:`~infinitetalk.request.GenerationRequest`) from
     its header, before any model work: the reference (``image``: an image or a video), the speech
-    (``audio``, ``audio_2``: audio or a video with sound) and the two-speaker boxes against the
+    (``audio``, ``audio_2``: audio or a video with sound; none for a text request) and the two-speaker boxes against the
     reference's size. Raises :class:`InputError` with the message the pipeline would give for the
     same file. ``labels`` names the inputs in messages (default: the field names; the CLI passes its
     flags)."""
     labels = {"image": "image", "audio": "audio", "audio_2": "audio_2", **(labels or {})}
     info = probe_reference(request.image, labels["image"])
-    probe_speech(request.audio, labels["audio"])
-    if request.audio_2 is not None:
-        probe_speech(request.audio_2, labels["audio_2"])
+    for name in ("audio", "audio_2"):  # text requests have none: their rules are checked with the request's
+        if getattr(request, name) is not None:
+            probe_speech(getattr(request, name), labels[name])
     check_boxes(request.bboxes, info.width, info.height)
 
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import audio as audio_lib
 from . import inputs
+from . import speech as speech_lib
 from .buckets import choose_bucket, masks_to_latent, resize_and_centercrop, speaker_masks
 from .chunking import ChunkPlan, plan_chunks
 from .color import match_and_blend_colors
@@ -53,6 +54,7 @@ from .lora import TurboLoRA
 from .preview import HLSOutput, HLSWriter
 from .request import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, GenerationRequest, choose_seed
 from .sampler import APGState, ContextLatents, get_timesteps, make_guided_denoiser
+from .speech import Speech
 from .step_cache import StepCacheConfig, reset_step_cache, step_cache_stats
 
 logger = logging.getLogger(__name__)
@@ -145,7 +147,8 @@ class InfiniteTalkPipeline:
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, image_encoder, audio_encoder, *,
                  device: torch.device, dtype: torch.dtype, clip_size: int = 224, clip_mean=CLIP_MEAN,
-                 clip_std=CLIP_STD, multi_weights: Path | None = None, turbo: TurboLoRA | None = None):
+                 clip_std=CLIP_STD, multi_weights: Path | None = None, turbo: TurboLoRA | None = None,
+                 speech: Speech | None = None):
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
@@ -160,6 +163,7 @@ class InfiniteTalkPipeline:
         self._audio_sets: dict[str, dict[str, torch.Tensor]] = {}
         self._prompt_cache: dict[str, tuple[torch.Tensor, bool]] = {}
         self.turbo = turbo  # the distilled LoRA (switchable adapter, or fused into the weights)
+        self.speech = speech  # text to speech (speech.py); None: text requests are refused
         self.parallel = None  # a ParallelContext once the sequence is split over several GPUs
         self.tmp_dir: str | None = None  # where generate() makes its temporary folder (None: the system's)
         self.step_cache_options: dict = {}  # extra StepCacheConfig fields (the benchmark's calibration)
@@ -188,8 +192,11 @@ class InfiniteTalkPipeline:
                         dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
                         attention_backend: str | None = None, compile: bool = False,
                         turbo_lora: str | Path | None = None, fuse_turbo: bool = False,
-                        memory_mode: str = "none") -> InfiniteTalkPipeline:
-        """Load every component from a weights folder in the layout of ``weights/README.md``."""
+                        memory_mode: str = "none", text_to_speech: bool | None = None) -> InfiniteTalkPipeline:
+        """Load every component from a weights folder in the layout of ``weights/README.md``.
+
+        ``text_to_speech``: load Kokoro for text requests; None (default) where its folders are complete,
+        True requires them, False leaves it out."""
         from diffusers import AutoencoderKLWan
         from transformers import AutoTokenizer, CLIPVisionModelWithProjection, UMT5EncoderModel
 
@@ -234,9 +241,15 @@ class InfiniteTalkPipeline:
         t0 = time.perf_counter()
         audio_encoder = audio_lib.Wav2Vec2FeatureEncoder.from_pretrained(paths.wav2vec, device=device)
         timings["wav2vec2"] = time.perf_counter() - t0
+        speech = None
+        if text_to_speech or (text_to_speech is None and speech_lib.tts_paths(weights_dir) is not None):
+            t0 = time.perf_counter()
+            speech = Speech.from_pretrained(weights_dir, device=device)
+            timings["tts"] = time.perf_counter() - t0
         size, mean, std = _clip_preprocessing(paths.base / "image_processor" / "preprocessor_config.json")
         pipe = cls(transformer, vae, text_encoder, tokenizer, image_encoder, audio_encoder, device=device,
-                   dtype=dtype, clip_size=size, clip_mean=mean, clip_std=std, multi_weights=paths.multi, turbo=turbo)
+                   dtype=dtype, clip_size=size, clip_mean=mean, clip_std=std, multi_weights=paths.multi, turbo=turbo,
+                   speech=speech)
         pipe.load_timings = timings
         pipe.compiled = bool(compiled)
         logger.info("loaded InfiniteTalk on %s (%s): %s", device, dtype,
@@ -375,6 +388,12 @@ class InfiniteTalkPipeline:
         plan, the seed, the speaker weights and masks, the text/CLIP/first-frame conditioning and the
         soundtrack. Input files are read (and refused) here, before any denoising."""
         timings: dict = {}
+        seed = choose_seed(req.seed)
+        if self.parallel is not None:
+            seed = self.parallel.broadcast(seed)  # every rank draws the same noise (and speaks the same text)
+        t0 = time.perf_counter()
+        req = self._synthesize(req, seed, tmp)
+        timings["speech"] = time.perf_counter() - t0
         _info, reader, first = inputs.load_reference(req.image, "image")  # limits and messages: inputs.py
         try:
             inputs.check_boxes(req.bboxes, *first.size)
@@ -383,9 +402,6 @@ class InfiniteTalkPipeline:
             embeddings, audio_seconds, switch = self._audio_features(req)
             timings["audio"] = time.perf_counter() - t0
             plan = _plan(req, embeddings[-1].shape[0])
-            seed = choose_seed(req.seed)
-            if self.parallel is not None:
-                seed = self.parallel.broadcast(seed)  # every rank draws the same noise
             ref_masks = self._speakers(req, first.size, (height, width))
             t0 = time.perf_counter()
             reference = _to_model_frame(first, (height, width))  # [3, H, W] in [-1, 1]
@@ -409,6 +425,19 @@ class InfiniteTalkPipeline:
                     get_timesteps(int(req.steps), req.shift), embeddings, torch.arange(embeddings[0].shape[0]),
                     reference, reader, clip, y, prompt, negative, ref_masks, soundtrack, audio_seconds,
                     timings=timings)
+
+    def _synthesize(self, req: GenerationRequest, seed: int, tmp: Path) -> GenerationRequest:
+        """A text request as an audio request: each speaker's synthesised track, written to ``tmp``,
+        becomes its speech file (two alternating tracks, mixed as ``para``); the same seed speaks alike."""
+        if req.text is None:
+            return req
+        if self.speech is None:
+            raise InputError("text input is not available here: the text-to-speech weights "
+                             f"({speech_lib.KOKORO_DIR}/, {speech_lib.SPACY_DIR}/) are not installed; give audio "
+                             "instead, or fetch them with scripts/download_weights.py (weights/README.md)")
+        tracks = self.speech.write_tracks(req.turns(), (req.voice, req.voice_2), req.speech_speed, seed, tmp)
+        return replace(req, text=None, audio=tracks[0], audio_2=tracks[1] if len(tracks) > 1 else None,
+                       audio_mode="para")
 
     def _output_size(self, req: GenerationRequest, source_size: tuple[int, int]) -> tuple[int, int]:
         """``(height, width)``: the explicit size, or the official bucket of the source's aspect ratio."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from . import speech
 from .errors import InputError
 
 DEFAULT_PROMPT = "A person is talking naturally, looking at the camera."
@@ -52,8 +53,12 @@ class InputSpec:
 #: The public inputs, in the order of the Cog predictor's ``run()``.
 INPUTS: dict[str, InputSpec] = {
     "image": InputSpec("file", REQUIRED),
-    "audio": InputSpec("file", REQUIRED),
+    "audio": InputSpec("file"),  # audio or text: exactly one (GenerationRequest.validate)
     "audio_2": InputSpec("file"),
+    "text": InputSpec("str"),
+    "voice": InputSpec("str", speech.DEFAULT_VOICE, choices=speech.VOICES),
+    "voice_2": InputSpec("str", speech.DEFAULT_VOICE_2, choices=speech.VOICES),
+    "speech_speed": InputSpec("float", 1.0, *speech.SPEED_RANGE),
     "audio_mode": InputSpec("str", "para", choices=("para", "add")),
     "box_1": InputSpec("str"),
     "box_2": InputSpec("str"),
@@ -117,6 +122,8 @@ def _check_str(name: str, spec: InputSpec, value: Any) -> Any:
     if not isinstance(value, str):
         raise InputError(f"{name} must be a string, got {_shown(value)}")
     if spec.choices is not None and value not in spec.choices:
+        if len(spec.choices) > 3:
+            raise InputError(f"{name} must be one of {', '.join(spec.choices)}; got {value!r}")
         raise InputError(f"{name} must be " + " or ".join(repr(c) for c in spec.choices) + f", got {value!r}")
     return value
 
@@ -194,7 +201,8 @@ def parse_boxes(box_1: str | None, box_2: str | None, two_speakers: bool) -> lis
     if b1 is None and b2 is None:
         return None
     if not two_speakers:
-        raise InputError("box_1/box_2 are only used with two speakers: give audio_2 too, or leave the boxes empty")
+        raise InputError("box_1/box_2 are only used with two speakers: give audio_2 too (or (s2) turns in text), "
+                         "or leave the boxes empty")
     if b1 is None or b2 is None:
         raise InputError("give both box_1 and box_2 (one region per speaker), or neither")
     return [b1, b2]
@@ -210,8 +218,12 @@ class GenerationRequest:
     """Everything one generation needs.  Paths are local files; checked by :meth:`validate`."""
 
     image: str | Path  # image or video (V2V dubbing)
-    audio: str | Path
+    audio: str | Path | None = None  # speech; or give text instead
     audio_2: str | Path | None = None
+    text: str | None = None  # words to speak (speech.py): plain, or a dialogue of (s1)/(s2) turns
+    voice: str = speech.DEFAULT_VOICE  # the voice of the text (of speaker 1 in a dialogue)
+    voice_2: str = speech.DEFAULT_VOICE_2  # the voice of speaker 2 in a dialogue
+    speech_speed: float = 1.0
     audio_mode: str = "para"  # para: simultaneous; add: speaker 1 then speaker 2
     bboxes: Sequence[Sequence[float]] | None = None  # [[top, left, bottom, right], [..]] in source pixels
     prompt: str = DEFAULT_PROMPT
@@ -233,7 +245,13 @@ class GenerationRequest:
 
     @property
     def speakers(self) -> int:
+        if self.text is not None:
+            return speech.speakers_of(speech.parse_script(self.text))
         return 1 if self.audio_2 is None else 2
+
+    def turns(self) -> list[speech.Turn]:
+        """The text's turns, checked against the voices (an InputError names what is wrong)."""
+        return speech.check_text_inputs(self.text, self.voice, self.voice_2, self.speech_speed)
 
     def resolved(self) -> GenerationRequest:
         """A copy with the mode's defaults filled in (official values for exact and LoRA modes)."""
@@ -253,11 +271,25 @@ class GenerationRequest:
                 check_value(f.name, spec, getattr(req, f.name))
         if (req.width is None) != (req.height is None):
             raise InputError("width and height must be given together")
+        _check_speech_source(req)
         if req.bboxes is not None:
-            if req.audio_2 is None:
-                raise InputError("boxes are only used with two speakers (audio_2)")
+            if req.speakers == 1:
+                raise InputError("boxes are only used with two speakers (audio_2, or (s2) turns in text)")
             if len(req.bboxes) != 2 or not all(len(b) == 4 for b in req.bboxes):
                 raise InputError("boxes must be two [top, left, bottom, right] boxes, one per speaker")
+
+
+def _check_speech_source(req: GenerationRequest) -> None:
+    """Speech comes from audio files or from text, never both."""
+    if req.text is None:
+        if req.audio is None:
+            raise InputError("give audio (a speech file) or text (the words to speak)")
+        return
+    if req.audio is not None:
+        raise InputError("give audio or text, not both")
+    if req.audio_2 is not None:
+        raise InputError("audio_2 cannot be used with text: write a dialogue as (s1) ... (s2) ... turns in text")
+    req.turns()
 
 
 def build_request(inputs: Mapping[str, Any]) -> GenerationRequest:
@@ -275,7 +307,8 @@ def build_request(inputs: Mapping[str, Any]) -> GenerationRequest:
         raise InputError(f"unknown input(s) {', '.join(map(repr, unknown))}; the inputs are: {', '.join(INPUTS)}")
     v = {name: check_value(name, spec, inputs.get(name, None if spec.default is REQUIRED else spec.default))
          for name, spec in INPUTS.items()}
-    bboxes = parse_boxes(v.pop("box_1"), v.pop("box_2"), v["audio_2"] is not None)
+    dialogue = v["text"] is not None and speech.speakers_of(speech.parse_script(v["text"])) == 2
+    bboxes = parse_boxes(v.pop("box_1"), v.pop("box_2"), v["audio_2"] is not None or dialogue)
     quality = v.pop("quality")
     v.pop("preview")  # how the video is delivered, not how it is made: the front ends read it
     if v["max_duration"] is None:

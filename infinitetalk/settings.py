@@ -218,7 +218,9 @@ class Settings:
     only (the servers' ``INFINITETALK_COMPILE=1``), True on any device (the CLI's ``--compile``),
     False never.  ``num_gpus``: None uses every visible GPU (lowered to 1, 2, 4 or 8); a count is
     lowered to the GPUs present.  ``turbo_lora`` (default: the one in the weights folder) and
-    ``attention_backend`` are the CLI's ``--lora`` and ``--attention-backend``.  ``storage`` is None
+    ``attention_backend`` are the CLI's ``--lora`` and ``--attention-backend``.  ``text_to_speech``: None
+    loads the text-to-speech model where its weights are present (the servers), True requires it, False
+    leaves it out (the CLI loads it only for ``--text``).  ``storage`` is None
     without a bucket; ``check_bucket`` asks for the start-up ``HeadBucket``.
     """
 
@@ -229,6 +231,7 @@ class Settings:
     num_gpus: int | None = None
     turbo_lora: Path | None = None
     attention_backend: str | None = None
+    text_to_speech: bool | None = None
     storage: StorageConfig | None = None
     check_bucket: bool = True
     warmup: tuple[tuple[int, int], ...] | None = None  # None: auto (see warmup_sizes)

@@ -229,10 +229,13 @@ class Speech:
         voices = {v: torch.load(kokoro / "voices" / f"{v}.pt", map_location="cpu", weights_only=True).to(device)
                   for v in VOICES}
         nlp = spacy.load(nlp_dir, enable=["tok2vec", "tagger"])
-        return cls(model, voices, nlp, torch.device(device))
+        speech = cls(model, voices, nlp, torch.device(device))
+        for lang in LANGUAGES:  # every G2P now (English reads its lexicons, 0.3 s), not in a request
+            speech._pipeline(lang)
+        return speech
 
     def _pipeline(self, lang: str):
-        """Kokoro's ``KPipeline`` for one language letter, sharing the one model (made on first use)."""
+        """Kokoro's ``KPipeline`` for one language letter, sharing the one model."""
         if lang not in self._pipelines:
             self._pipelines[lang] = _make_pipeline(lang, self.model, self.nlp)
         return self._pipelines[lang]

@@ -37,8 +37,23 @@ def golden() -> Path:
 def tiny_weights(tmp_path_factory) -> Path:
     """A complete tiny weights folder, made once per test session by scripts/make_tiny_weights.py."""
     out = tmp_path_factory.mktemp("weights")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_weights.py"), str(out)], check=True,
+    # Without the text-to-speech folders (120 MB, and 3 s more for every pipeline load): tiny_weights_tts has them.
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_weights.py"), str(out), "--no-tts"], check=True,
                    stdout=subprocess.DEVNULL)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_weights_tts(tiny_weights, tmp_path_factory) -> Path:
+    """``tiny_weights`` plus the tiny text-to-speech folders (Kokoro-82M/, en_core_web_sm/): the other
+    folders are links to tiny_weights' (read only by the tests that use this)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_tiny_weights as mtw
+
+    out = tmp_path_factory.mktemp("weights_tts")
+    for sub in tiny_weights.iterdir():
+        (out / sub.name).symlink_to(sub, target_is_directory=sub.is_dir())
+    mtw.write_tts(out)
     return out
 
 

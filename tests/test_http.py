@@ -274,7 +274,7 @@ def test_invalid_input_fails_with_a_clear_message(server, inputs):
     status, body = _predict(server, {"input": bad})
     assert status == 200 and body["status"] == "failed", body
     assert body["error"] == (COG_PREFIX + "invalid input: box_1/box_2 are only used with two speakers: give audio_2 "
-                             "too, or leave the boxes empty"), body["error"]
+                             "too (or (s2) turns in text), or leave the boxes empty"), body["error"]
     assert "Traceback" not in body["error"] and "\n" not in body["error"].strip()
     bad = _tiny(inputs, audio=inputs["image"])  # a picture where the speech should be
     status, body = _predict(server, {"input": bad})

@@ -71,8 +71,11 @@ def test_layout_size_and_runtime(weights: tuple[Path, float, str]) -> None:
     root, seconds, stdout = weights
     for rel in EXPECTED_FILES:
         assert (root / rel).is_file(), rel
-    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    tts = (root / mtw.speech.KOKORO_DIR, root / mtw.speech.SPACY_DIR)
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_relative_to(tts[0]))
     assert total < TINY.max_total_bytes, total
+    # Text to speech (by default): Kokoro's fixed 512/1024-channel decoder in fp16 and 41 voices, < 160 MB.
+    assert sum(p.stat().st_size for p in tts[0].rglob("*") if p.is_file()) < 160e6
     assert seconds < 60, seconds  # typically ~10 s including interpreter and library imports
     assert "total" in stdout and "MB" in stdout
     index = json.loads((root / mtw.WAN_DIR / "model_index.json").read_text())
@@ -237,9 +240,39 @@ def test_infinitetalk_files(weights: tuple[Path, float, str]) -> None:
     assert not torch.equal(single["audio_proj.proj1.weight"], multi["audio_proj.proj1.weight"])
 
 
+def test_text_to_speech_files_load_strictly_in_kokoro_and_spacy(weights: tuple[Path, float, str]) -> None:
+    """Kokoro-82M/ holds what kokoro.KModel loads, every key of every part (strict), with the real
+    vocabulary's symbols; every voice is a [510, 1, 256] pack; en_core_web_sm/ is a spaCy pipeline
+    with the two components misaki's English G2P enables."""
+    import spacy
+    from kokoro import KModel
+
+    root = weights[0]
+    folder = root / mtw.speech.KOKORO_DIR
+    config = json.loads((folder / "config.json").read_text())
+    assert config["n_token"] == 178 and config["style_dim"] == 128 and config["hidden_dim"] == 512
+    assert len(config["vocab"]) == 114 and config["vocab"]["ˈ"] == 156 and config["vocab"]["ɡ"] == 92
+    assert "g" not in config["vocab"]  # Kokoro spells /g/ with U+0261, like the real file
+    parts = torch.load(folder / "kokoro-v1_0.pth", map_location="cpu", weights_only=True)
+    assert sorted(parts) == ["bert", "bert_encoder", "decoder", "predictor", "text_encoder"]
+    empty = root.parent / "empty.pth"  # KModel's own loader falls back to strict=False: load strictly here
+    torch.save({}, empty)
+    model = KModel(repo_id="hexgrad/Kokoro-82M", config=str(folder / "config.json"), model=str(empty))
+    for name, state in parts.items():
+        getattr(model, name).load_state_dict(state, strict=True)
+    voices = sorted(p.stem for p in (folder / "voices").glob("*.pt"))
+    assert voices == sorted(mtw.speech.VOICES)
+    pack = torch.load(folder / "voices" / "af_heart.pt", weights_only=True)
+    assert pack.shape == (510, 1, 256) and pack.dtype == torch.float32
+    nlp = spacy.load(root / mtw.speech.SPACY_DIR, enable=["tok2vec", "tagger"])
+    assert nlp.pipe_names == ["tok2vec", "tagger"]
+    assert all(t.tag_ for t in nlp("I read the book."))
+    assert mtw.speech.tts_paths(root) == (folder, root / mtw.speech.SPACY_DIR)
+
+
 def test_deterministic_and_without_overrides(tmp_path: Path) -> None:
-    a = mtw.make_tiny_weights(tmp_path / "a", seed=5)
-    b = mtw.make_tiny_weights(tmp_path / "b", seed=5)
+    a = mtw.make_tiny_weights(tmp_path / "a", seed=5, with_tts=False)
+    b = mtw.make_tiny_weights(tmp_path / "b", seed=5, with_tts=False)
     with safe_open(str(a / "InfiniteTalk/single/infinitetalk.safetensors"), "pt") as f:
         assert mtw.BASE_OVERRIDE_KEY not in f.keys()
     for rel in ("InfiniteTalk/single/infinitetalk.safetensors", "chinese-wav2vec2-base/model.safetensors"):
