@@ -309,3 +309,22 @@ def test_tts_revisions_default_to_the_pin_and_main_and_come_from_the_environment
     chosen = _planned_revisions(tmp_path, INFINITETALK_KOKORO_REVISION="0123456789abcdef",
                                 INFINITETALK_SPACY_REVISION="fedcba9876543210")
     assert "hexgrad/Kokoro-82M@0123456789abcdef" in chosen and "spacy/en_core_web_sm@fedcba9876543210" in chosen
+
+
+def test_download_script_fetches_tts_unless_no_tts(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    import download_weights
+
+    hub = FakeHub()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    assert download_weights.main(["--dest", str(tmp_path), "--no-turbo", "--no-tts"]) == 0
+    assert hub.calls and not [c for c in hub.calls if c[1] in (download.KOKORO_REPO, download.SPACY_REPO)]
+    assert not (tmp_path / "Kokoro-82M").exists() and not (tmp_path / "en_core_web_sm").exists()
+    assert speech.tts_paths(tmp_path) is None
+    hub.calls.clear()
+    assert download_weights.main(["--dest", str(tmp_path), "--no-turbo"]) == 0  # the default: with TTS
+    assert {c[1] for c in hub.calls} == {download.KOKORO_REPO, download.SPACY_REPO}
+    assert speech.tts_paths(tmp_path) is not None
+    assert "--no-tts" in download_weights.__doc__
