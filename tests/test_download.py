@@ -328,3 +328,57 @@ def test_download_script_fetches_tts_unless_no_tts(tmp_path, monkeypatch, capsys
     assert {c[1] for c in hub.calls} == {download.KOKORO_REPO, download.SPACY_REPO}
     assert speech.tts_paths(tmp_path) is not None
     assert "--no-tts" in download_weights.__doc__
+
+
+class _StubPipe:
+    device, dtype, compiled = "cpu", "torch.float32", False
+
+
+def _serve(weights: Path, hub: FakeHub, monkeypatch) -> tuple[object, list[str]]:
+    """service.load_pipeline as the servers call it, with the Hub faked and the models not loaded."""
+    import huggingface_hub
+
+    from infinitetalk import build, service
+    from infinitetalk.settings import Settings
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    monkeypatch.setattr(build, "build_pipeline", lambda settings: _StubPipe())
+    monkeypatch.setattr(service, "_quiet_loading_bars", lambda: None)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # load_pipeline sets them; restored afterwards
+        monkeypatch.setenv(name, "1")
+    logs: list[str] = []
+    return service.load_pipeline(Settings(weights=weights), log=logs.append), logs
+
+
+def test_servers_fetch_tts_with_the_required_weights(tmp_path, monkeypatch):
+    hub = FakeHub()
+    pipe, logs = _serve(tmp_path, hub, monkeypatch)
+    assert isinstance(pipe, _StubPipe)
+    assert {download.WAN_REPO, download.KOKORO_REPO, download.SPACY_REPO} <= {c[1] for c in hub.calls}
+    assert plan_weights(tmp_path, tts=True).complete and speech.tts_paths(tmp_path) is not None
+    assert not [line for line in logs if "warning" in line]
+
+
+def test_servers_start_without_tts_when_only_tts_cannot_be_fetched(tmp_path, monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    _ensure(tmp_path, FakeHub())  # the required weights are present, the text-to-speech files are not
+    hub = FakeHub(fail=LocalEntryNotFoundError("offline"))
+    pipe, logs = _serve(tmp_path, hub, monkeypatch)
+    assert isinstance(pipe, _StubPipe)
+    assert {c[1] for c in hub.calls} == {download.KOKORO_REPO}  # unreachable: spaCy is not tried after it
+    (warning,) = [line for line in logs if "warning" in line]
+    assert "\n" not in warning and "text input is disabled" in warning
+    assert download.KOKORO_REPO in warning and download.SPACY_REPO in warning and "unreachable" in warning
+    assert speech.tts_paths(tmp_path) is None
+
+
+def test_servers_still_fail_when_required_weights_cannot_be_fetched(tmp_path, monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    _write_tts_by_hand(tmp_path)  # even with the text-to-speech files present
+    hub = FakeHub(fail=LocalEntryNotFoundError("offline"))
+    with pytest.raises(WeightsDownloadError, match="could not fetch weights into") as err:
+        _serve(tmp_path, hub, monkeypatch)
+    assert download.WAN_REPO in str(err.value)
