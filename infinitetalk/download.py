@@ -5,7 +5,11 @@ plus the 80 GB Wan repo). ``huggingface_hub`` resumes interrupted downloads and 
 bars. A complete folder is detected from local files alone, so a filled ``weights/`` never
 touches the network; otherwise only the missing groups are fetched.
 
-Used by ``scripts/download_weights.py`` (CLI) and by the Cog predictor's ``setup()``.
+The text-to-speech files (Kokoro-82M and spaCy's English tagger pipeline, for the ``text`` input)
+are optional groups, planned only with ``tts=True``, as the turbo LoRA is with ``turbo=True``.
+
+Used by ``scripts/download_weights.py`` (CLI) and by the servers' setup
+(:func:`infinitetalk.service.load_pipeline`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import speech
+
 logger = logging.getLogger(__name__)
 
 #: The weights folder (default: ``weights/`` in the repo); see :func:`default_weights_dir`.
@@ -26,6 +32,8 @@ ENV_WEIGHTS = "INFINITETALK_WEIGHTS"
 #: Revisions of the unpinned repos (read when this module is imported).
 ENV_WAN_REVISION = "INFINITETALK_WAN_REVISION"
 ENV_TURBO_REVISION = "INFINITETALK_TURBO_REVISION"
+ENV_KOKORO_REVISION = "INFINITETALK_KOKORO_REVISION"
+ENV_SPACY_REVISION = "INFINITETALK_SPACY_REVISION"
 
 WAN_REPO = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 #: No revision is published for the Diffusers base in SPEC.md; override with INFINITETALK_WAN_REVISION.
@@ -58,6 +66,22 @@ TURBO_REVISION = os.environ.get(ENV_TURBO_REVISION, "main")
 TURBO_DIR = "lightx2v"
 TURBO_FILE = "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors"
 
+#: Text to speech (the ``text`` input; :mod:`infinitetalk.speech`). Optional: fetched by
+#: scripts/download_weights.py (unless --no-tts) and by the servers' setup, which only warns on failure.
+KOKORO_REPO = "hexgrad/Kokoro-82M"
+KOKORO_REVISION = os.environ.get(ENV_KOKORO_REVISION, "f3ff3571791e39611d31c381e3a41a3af07b4987")
+KOKORO_FILES = (speech.KOKORO_CONFIG, speech.KOKORO_FILE, *(f"voices/{v}.pt" for v in speech.VOICES))
+
+#: The Hub copy of spaCy's en_core_web_sm 3.8.0: the pipeline folder at its root, plus a wheel and a
+#: README that are not fetched.
+SPACY_REPO = "spacy/en_core_web_sm"
+#: No commit of it is known to us (none could be checked offline); override with INFINITETALK_SPACY_REVISION.
+SPACY_REVISION = os.environ.get(ENV_SPACY_REVISION, "main")
+SPACY_COMPONENTS = ("tok2vec", "tagger", "parser", "senter", "attribute_ruler", "lemmatizer", "ner")
+SPACY_PATTERNS = ("config.cfg", "meta.json", "tokenizer", "vocab/*", *(f"{c}/*" for c in SPACY_COMPONENTS))
+#: The components :class:`infinitetalk.speech.Speech` loads: required whatever config.cfg lists.
+SPACY_NEEDED = ("tok2vec", "tagger")
+
 
 class WeightsDownloadError(RuntimeError):
     """The weights are missing and could not be fetched; the message is one line for the user."""
@@ -76,8 +100,10 @@ class DownloadItem:
     what: str = ""
 
     def describe(self) -> str:
-        names = ", ".join(self.files or self.patterns)
-        return f"{self.repo}@{self.revision[:12]} [{names}]"
+        names = list(self.files or self.patterns)
+        if len(names) > 10:  # Kokoro's voices: the first names and a count keep the line readable
+            names = names[:3] + [f"... {len(names) - 3} more"]
+        return f"{self.repo}@{self.revision[:12]} [{', '.join(names)}]"
 
 
 @dataclass
@@ -123,10 +149,53 @@ def _component_complete(base: Path, name: str) -> bool:
     return _nonempty_dir(folder)
 
 
-def plan_weights(dest: str | Path, turbo: bool = False) -> WeightsPlan:
+def _spacy_pipeline(config: Path) -> list[str]:
+    """The component names of ``pipeline = [...]`` in the ``[nlp]`` section of a spaCy ``config.cfg``
+    (one JSON list on one line, as spaCy writes it); [] where the line cannot be read."""
+    try:
+        lines = config.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    section = ""
+    for line in map(str.strip, lines):
+        if line.startswith("["):
+            section = line
+        elif section == "[nlp]" and line.partition("=")[0].strip() == "pipeline":
+            try:
+                names = json.loads(line.partition("=")[2])
+            except ValueError:
+                return []
+            return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+    return []
+
+
+def _spacy_complete(folder: Path) -> bool:
+    """config.cfg, meta.json and a folder for every component config.cfg's pipeline names (and for
+    :data:`SPACY_NEEDED`, also where that line cannot be read)."""
+    if not ((folder / "config.cfg").is_file() and (folder / "meta.json").is_file()):
+        return False
+    return all((folder / c).is_dir() for c in {*SPACY_NEEDED, *_spacy_pipeline(folder / "config.cfg")})
+
+
+def _plan_tts(dest: Path) -> list[DownloadItem]:
+    """The text-to-speech groups ``dest`` lacks: Kokoro's missing files; spaCy's whole pipeline folder."""
+    items = []
+    kokoro = dest / speech.KOKORO_DIR
+    missing = [f for f in KOKORO_FILES if not (kokoro / f).is_file()]
+    if missing:
+        items.append(DownloadItem(KOKORO_REPO, KOKORO_REVISION, kokoro, files=tuple(missing),
+                                  what="Kokoro-82M text to speech"))
+    if not _spacy_complete(dest / speech.SPACY_DIR):
+        items.append(DownloadItem(SPACY_REPO, SPACY_REVISION, dest / speech.SPACY_DIR, patterns=SPACY_PATTERNS,
+                                  what="spaCy English tagger (text to speech)"))
+    return items
+
+
+def plan_weights(dest: str | Path, turbo: bool = False, tts: bool = False) -> WeightsPlan:
     """The downloads ``dest`` still needs, decided from local files only (no network).
 
-    ``turbo`` adds the optional distilled LoRA of the turbo mode.
+    ``turbo`` adds the optional distilled LoRA of the turbo mode; ``tts`` the optional text-to-speech
+    groups (Kokoro-82M, spaCy's en_core_web_sm).
     """
     dest = Path(dest)
     plan = WeightsPlan(dest)
@@ -156,6 +225,8 @@ def plan_weights(dest: str | Path, turbo: bool = False) -> WeightsPlan:
     if turbo and not (dest / TURBO_DIR / TURBO_FILE).is_file():
         plan.items.append(DownloadItem(TURBO_REPO, TURBO_REVISION, dest / TURBO_DIR, files=(TURBO_FILE,),
                                        what="lightx2v distilled LoRA (turbo mode)"))
+    if tts:
+        plan.items.extend(_plan_tts(dest))
     return plan
 
 
@@ -216,17 +287,18 @@ def _fetch_item(item: DownloadItem, hf_hub_download: Callable, snapshot_download
 
 def ensure_weights(dest: str | Path | None = None, *, log: Callable[[str], None] | None = None,
                    hf_hub_download: Callable | None = None, snapshot_download: Callable | None = None,
-                   turbo: bool = False) -> Path:
+                   turbo: bool = False, tts: bool = False) -> Path:
     """Make ``dest`` a complete weights folder and return it.
 
     Nothing is fetched when the folder is complete (local check only). Otherwise only the
     missing files are fetched from the Hub at pinned revisions; any failure (offline, no
     access, missing file) raises :class:`WeightsDownloadError` with one line naming what
-    could not be fetched. ``hf_hub_download`` / ``snapshot_download`` can be injected (tests).
+    could not be fetched. ``turbo`` and ``tts`` add the optional groups (see :func:`plan_weights`).
+    ``hf_hub_download`` / ``snapshot_download`` can be injected (tests).
     """
     dest = Path(dest if dest is not None else default_weights_dir())
     say = log or logger.info
-    plan = plan_weights(dest, turbo)
+    plan = plan_weights(dest, turbo, tts)
     if plan.complete:
         return dest
     if hf_hub_download is None or snapshot_download is None:
@@ -255,7 +327,7 @@ def ensure_weights(dest: str | Path | None = None, *, log: Callable[[str], None]
         raise WeightsDownloadError(
             f"could not fetch weights into {dest}: " + "; ".join(failed)
             + ". Check the network and HF_TOKEN, or put the files there by hand (see weights/README.md).")
-    still = plan_weights(dest, turbo)
+    still = plan_weights(dest, turbo, tts)
     if not still.complete:
         raise WeightsDownloadError(
             f"weights in {dest} are still incomplete after downloading: "

@@ -10,8 +10,9 @@ One place for what a service does around :meth:`InfiniteTalkPipeline.generate`:
   (:func:`infinitetalk.inputs.probe_request`: a bad file fails before any model work), generate into
   a per-run folder, report progress (metrics and snapshots), rename file names in input errors to
   the input's name, and remove the folder on any failure or cancellation;
-* :func:`load_pipeline`: load every model once per process (weights fetched first if absent), as
-  the validated :class:`~infinitetalk.settings.Settings` say.
+* :func:`load_pipeline`: load every model once per process (weights fetched first if absent; the
+  optional text-to-speech files too, with only a warning if they cannot be), as the validated
+  :class:`~infinitetalk.settings.Settings` say.
 """
 
 from __future__ import annotations
@@ -207,6 +208,8 @@ def _previews(workdir: Path, on_preview: Callable[[Path, float], None], log: Cal
 def load_pipeline(settings: Settings | None = None, log: Callable[[str], None] = _log):
     """Load every model once (GPU when present, else CPU), fetching the weights first if absent.
 
+    The text-to-speech files are fetched too (:func:`_fetch_tts`); failing to fetch them is a warning.
+
     ``settings``: validated :class:`~infinitetalk.settings.Settings` (default: read from the environment);
     the pipeline is built by :func:`infinitetalk.build.build_pipeline`. Afterwards the Hub clients
     are switched off for this process: nothing may reach for the network during a job.
@@ -218,6 +221,7 @@ def load_pipeline(settings: Settings | None = None, log: Callable[[str], None] =
     settings = Settings.from_env() if settings is None else settings
     t0 = time.perf_counter()
     weights = ensure_weights(settings.weights, log=log)
+    _fetch_tts(weights, log)
     t_fetch = time.perf_counter() - t0
     _quiet_loading_bars()
     pipe = build_pipeline(settings)
@@ -244,6 +248,20 @@ def load_pipeline(settings: Settings | None = None, log: Callable[[str], None] =
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     return pipe
+
+
+def _fetch_tts(weights: Path, log: Callable[[str], None]) -> None:
+    """Fetch the optional text-to-speech files into a weights folder whose required groups are complete.
+
+    A failure is one warning line, not a failed setup: the server starts and refuses only the ``text``
+    input (the pipeline checks :func:`infinitetalk.speech.tts_paths`).
+    """
+    from .download import WeightsDownloadError, ensure_weights
+
+    try:
+        ensure_weights(weights, log=log, tts=True)  # the required groups are complete: only TTS is planned
+    except WeightsDownloadError as exc:
+        log(f"setup: warning: the text input is disabled, its text-to-speech weights are missing: {exc}")
 
 
 def _quiet_loading_bars() -> None:

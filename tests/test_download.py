@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infinitetalk import download
+from infinitetalk import download, speech
 from infinitetalk.download import WeightsDownloadError, ensure_weights, plan_weights
 from infinitetalk.pipeline import WeightPaths
 
@@ -44,8 +44,8 @@ class FakeHub:
             raise self.fail
         root = Path(local_dir)
         for pattern in allow_patterns:
-            if pattern == "model_index.json":
-                (root / pattern).write_text("{}")
+            if "/" not in pattern:  # a single file: model_index.json, spaCy's config.cfg, meta.json, tokenizer
+                (root / pattern).write_text(SPACY_CONFIG if pattern == "config.cfg" else "{}")
                 continue
             comp = root / pattern.split("/")[0]
             comp.mkdir(parents=True, exist_ok=True)
@@ -59,6 +59,23 @@ class FakeHub:
             elif comp.name in ("vae", "image_encoder"):
                 (comp / "model.safetensors").write_text("x")
         return str(root)
+
+
+#: The head of en_core_web_sm 3.8.0's config.cfg (the [nlp] section lists its components).
+SPACY_CONFIG = """[paths]
+train = null
+
+[nlp]
+lang = "en"
+pipeline = ["tok2vec","tagger","parser","senter","attribute_ruler","lemmatizer","ner"]
+disabled = ["senter"]
+batch_size = 256
+
+[components]
+
+[components.tagger]
+source = "en_core_web_sm"
+"""
 
 
 class _FakeResponse:
@@ -164,3 +181,204 @@ def test_predictor_setup_reports_missing_weights_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("INFINITETALK_WEIGHTS", str(tmp_path / "none"))
     with pytest.raises(WeightsDownloadError, match="could not fetch weights into"):
         predict.Predictor().setup()
+
+
+# ----------------------------------------------------------------------------------------------
+# Text to speech (optional groups: tts=True)
+# ----------------------------------------------------------------------------------------------
+
+KOKORO_PIN = "f3ff3571791e39611d31c381e3a41a3af07b4987"
+VOICE_FILES = [f"voices/{v}.pt" for v in speech.VOICES]
+
+
+def _tts_items(plan):
+    return [i for i in plan.items if i.repo in (download.KOKORO_REPO, download.SPACY_REPO)]
+
+
+def _write_tts_by_hand(dest: Path) -> None:
+    """Tiny files in the layout of the real text-to-speech folders."""
+    kokoro = dest / speech.KOKORO_DIR
+    for name in ["config.json", "kokoro-v1_0.pth", *VOICE_FILES]:
+        (kokoro / name).parent.mkdir(parents=True, exist_ok=True)
+        (kokoro / name).write_text("x")
+    nlp = dest / speech.SPACY_DIR
+    nlp.mkdir(parents=True)
+    (nlp / "config.cfg").write_text(SPACY_CONFIG)
+    (nlp / "meta.json").write_text("{}")
+    (nlp / "tokenizer").write_text("x")
+    for component in ("vocab", *download.SPACY_COMPONENTS):
+        (nlp / component).mkdir()
+        (nlp / component / "cfg").write_text("{}")
+
+
+def test_tts_is_planned_only_when_asked_with_the_pinned_files_and_patterns(tmp_path):
+    assert _tts_items(plan_weights(tmp_path)) == []
+    kokoro, nlp = _tts_items(plan_weights(tmp_path, tts=True))
+    assert (kokoro.repo, kokoro.revision, kokoro.local_dir) == ("hexgrad/Kokoro-82M", download.KOKORO_REVISION,
+                                                                  tmp_path / "Kokoro-82M")
+    assert kokoro.files == ("config.json", "kokoro-v1_0.pth", *VOICE_FILES) and len(VOICE_FILES) == 41
+    assert kokoro.patterns == ()
+    assert (nlp.repo, nlp.revision, nlp.local_dir) == ("spacy/en_core_web_sm", download.SPACY_REVISION,
+                                                       tmp_path / "en_core_web_sm")
+    assert nlp.files == ()
+    assert set(nlp.patterns) == {"config.cfg", "meta.json", "tokenizer", "vocab/*", "tok2vec/*", "tagger/*",
+                                 "parser/*", "attribute_ruler/*", "lemmatizer/*", "ner/*", "senter/*"}
+    # Neither the wheel nor the README is fetched.
+    from fnmatch import fnmatch
+
+    for unwanted in ("en_core_web_sm-any-py3-none-any.whl", "README.md", ".gitattributes"):
+        assert not any(fnmatch(unwanted, p) for p in nlp.patterns), unwanted
+    # One line per group, even for Kokoro's 43 files.
+    assert kokoro.describe() == f"hexgrad/Kokoro-82M@{download.KOKORO_REVISION[:12]} [config.json, " \
+                                "kokoro-v1_0.pth, voices/af_heart.pt, ... 40 more]"
+
+
+def test_complete_tts_folders_plan_nothing_and_only_missing_pieces_are_planned(tmp_path):
+    _write_tts_by_hand(tmp_path)
+    assert _tts_items(plan_weights(tmp_path, tts=True)) == []
+    assert speech.tts_paths(tmp_path) is not None
+    (tmp_path / "Kokoro-82M" / "voices" / "bm_george.pt").unlink()
+    (items,) = _tts_items(plan_weights(tmp_path, tts=True))
+    assert items.repo == download.KOKORO_REPO and items.files == ("voices/bm_george.pt",)
+    (tmp_path / "Kokoro-82M" / "voices" / "bm_george.pt").write_text("x")
+    # A component that config.cfg's pipeline names but whose folder is missing (an interrupted download).
+    (tmp_path / "en_core_web_sm" / "ner" / "cfg").unlink()
+    (tmp_path / "en_core_web_sm" / "ner").rmdir()
+    (items,) = _tts_items(plan_weights(tmp_path, tts=True))
+    assert items.repo == download.SPACY_REPO
+
+
+def test_spacy_pipeline_line_decides_which_components_are_needed(tmp_path):
+    nlp = tmp_path / speech.SPACY_DIR
+    nlp.mkdir()
+    (nlp / "meta.json").write_text("{}")
+    (nlp / "config.cfg").write_text('[nlp]\nlang = "en"\npipeline = ["tok2vec", "tagger", "custom"]\n')
+    for component in ("tok2vec", "tagger"):
+        (nlp / component).mkdir()
+    assert not download._spacy_complete(nlp)
+    (nlp / "custom").mkdir()
+    assert download._spacy_complete(nlp)
+    # A pipeline line outside [nlp] does not count; unreadable: the components the synthesiser loads.
+    (nlp / "config.cfg").write_text('[other]\npipeline = ["missing"]\n[nlp]\npipeline = ["tok2vec"]\n')
+    assert download._spacy_pipeline(nlp / "config.cfg") == ["tok2vec"] and download._spacy_complete(nlp)
+    (nlp / "config.cfg").write_text("[nlp]\npipeline = not json\n")
+    assert download._spacy_pipeline(nlp / "config.cfg") == [] and download._spacy_complete(nlp)
+    (nlp / "tagger").rmdir()
+    assert not download._spacy_complete(nlp)
+
+
+def test_tiny_weights_tts_folders_are_complete(tiny_weights):
+    if speech.tts_paths(tiny_weights) is None:
+        pytest.skip("the shared tiny weights have no text-to-speech folders")
+    assert plan_weights(tiny_weights, tts=True).complete
+
+
+def test_ensure_weights_fetches_tts_into_a_complete_folder(tmp_path):
+    _ensure(tmp_path, FakeHub())  # the required groups first, as the servers do
+    hub = FakeHub()
+    ensure_weights(tmp_path, hf_hub_download=hub.hf_hub_download, snapshot_download=hub.snapshot_download,
+                   log=lambda msg: None, tts=True)
+    files = [c[1:] for c in hub.calls if c[0] == "file"]
+    assert files == [("hexgrad/Kokoro-82M", f, download.KOKORO_REVISION) for f in download.KOKORO_FILES]
+    assert [c for c in hub.calls if c[0] == "snapshot"] == [
+        ("snapshot", "spacy/en_core_web_sm", download.SPACY_PATTERNS, download.SPACY_REVISION)]
+    assert plan_weights(tmp_path, tts=True).complete
+    assert speech.tts_paths(tmp_path) == (tmp_path / "Kokoro-82M", tmp_path / "en_core_web_sm")
+    again = FakeHub(fail=AssertionError("no network expected"))
+    ensure_weights(tmp_path, hf_hub_download=again.hf_hub_download, snapshot_download=again.snapshot_download,
+                   log=lambda msg: None, tts=True)
+    assert again.calls == []
+
+
+def _planned_revisions(dest: Path, **env: str) -> list[str]:
+    """``repo@revision`` of each group planned with tts=True, in a fresh interpreter (the revisions are
+    read from the environment when the module is imported)."""
+    code = ("import sys; from infinitetalk import download as d; "
+            "print(*[i.repo + '@' + i.revision for i in d.plan_weights(sys.argv[1], tts=True).items], sep='\\n')")
+    clean = {k: v for k, v in os.environ.items() if k not in ("INFINITETALK_KOKORO_REVISION",
+                                                               "INFINITETALK_SPACY_REVISION")}
+    run = subprocess.run([sys.executable, "-c", code, str(dest)], capture_output=True, text=True, timeout=60,
+                         env={**clean, **env}, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.splitlines()
+
+
+def test_tts_revisions_default_to_the_pin_and_main_and_come_from_the_environment(tmp_path):
+    default = _planned_revisions(tmp_path)
+    assert f"hexgrad/Kokoro-82M@{KOKORO_PIN}" in default and "spacy/en_core_web_sm@main" in default
+    chosen = _planned_revisions(tmp_path, INFINITETALK_KOKORO_REVISION="0123456789abcdef",
+                                INFINITETALK_SPACY_REVISION="fedcba9876543210")
+    assert "hexgrad/Kokoro-82M@0123456789abcdef" in chosen and "spacy/en_core_web_sm@fedcba9876543210" in chosen
+
+
+def test_download_script_fetches_tts_unless_no_tts(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    import download_weights
+
+    hub = FakeHub()
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    assert download_weights.main(["--dest", str(tmp_path), "--no-turbo", "--no-tts"]) == 0
+    assert hub.calls and not [c for c in hub.calls if c[1] in (download.KOKORO_REPO, download.SPACY_REPO)]
+    assert not (tmp_path / "Kokoro-82M").exists() and not (tmp_path / "en_core_web_sm").exists()
+    assert speech.tts_paths(tmp_path) is None
+    hub.calls.clear()
+    assert download_weights.main(["--dest", str(tmp_path), "--no-turbo"]) == 0  # the default: with TTS
+    assert {c[1] for c in hub.calls} == {download.KOKORO_REPO, download.SPACY_REPO}
+    assert speech.tts_paths(tmp_path) is not None
+    assert "--no-tts" in download_weights.__doc__
+
+
+class _StubPipe:
+    device, dtype, compiled = "cpu", "torch.float32", False
+
+
+def _serve(weights: Path, hub: FakeHub, monkeypatch) -> tuple[object, list[str]]:
+    """service.load_pipeline as the servers call it, with the Hub faked and the models not loaded."""
+    import huggingface_hub
+
+    from infinitetalk import build, service
+    from infinitetalk.settings import Settings
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub.hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub.snapshot_download)
+    monkeypatch.setattr(build, "build_pipeline", lambda settings: _StubPipe())
+    monkeypatch.setattr(service, "_quiet_loading_bars", lambda: None)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # load_pipeline sets them; restored afterwards
+        monkeypatch.setenv(name, "1")
+    logs: list[str] = []
+    return service.load_pipeline(Settings(weights=weights), log=logs.append), logs
+
+
+def test_servers_fetch_tts_with_the_required_weights(tmp_path, monkeypatch):
+    hub = FakeHub()
+    pipe, logs = _serve(tmp_path, hub, monkeypatch)
+    assert isinstance(pipe, _StubPipe)
+    assert {download.WAN_REPO, download.KOKORO_REPO, download.SPACY_REPO} <= {c[1] for c in hub.calls}
+    assert plan_weights(tmp_path, tts=True).complete and speech.tts_paths(tmp_path) is not None
+    assert not [line for line in logs if "warning" in line]
+
+
+def test_servers_start_without_tts_when_only_tts_cannot_be_fetched(tmp_path, monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    _ensure(tmp_path, FakeHub())  # the required weights are present, the text-to-speech files are not
+    hub = FakeHub(fail=LocalEntryNotFoundError("offline"))
+    pipe, logs = _serve(tmp_path, hub, monkeypatch)
+    assert isinstance(pipe, _StubPipe)
+    assert {c[1] for c in hub.calls} == {download.KOKORO_REPO}  # unreachable: spaCy is not tried after it
+    (warning,) = [line for line in logs if "warning" in line]
+    assert "\n" not in warning and "text input is disabled" in warning
+    assert download.KOKORO_REPO in warning and download.SPACY_REPO in warning and "unreachable" in warning
+    assert speech.tts_paths(tmp_path) is None
+
+
+def test_servers_still_fail_when_required_weights_cannot_be_fetched(tmp_path, monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    _write_tts_by_hand(tmp_path)  # even with the text-to-speech files present
+    hub = FakeHub(fail=LocalEntryNotFoundError("offline"))
+    with pytest.raises(WeightsDownloadError, match="could not fetch weights into") as err:
+        _serve(tmp_path, hub, monkeypatch)
+    assert download.WAN_REPO in str(err.value)

@@ -135,6 +135,7 @@ def test_defaults_and_valid_values():
         "INFINITETALK_FUSE_TURBO": "yes", "INFINITETALK_NUM_GPUS": "4", "INFINITETALK_INLINE_MAX_MB": "0",
         "INFINITETALK_PROGRESS_INTERVAL_S": "0.5", "INFINITETALK_S3_CHECK": "0", **BUCKET,
         "INFINITETALK_WAN_REVISION": "abc123", "INFINITETALK_TURBO_REVISION": "main",
+        "INFINITETALK_KOKORO_REVISION": "def456", "INFINITETALK_SPACY_REVISION": "main",
     })
     assert (s.weights, s.memory_mode, s.compile, s.fuse_turbo, s.num_gpus) == (Path("/data/w"), "fp8", False, True, 4)
     assert (s.worker.inline_max_bytes, s.worker.progress_interval_s) == (0, 0.5)
