@@ -39,6 +39,9 @@ IMPORT_TO_DIST = {
     "botocore": "botocore",
     "ftfy": "ftfy",
     "peft": "peft",
+    "kokoro": "kokoro",
+    "misaki": "misaki",
+    "spacy": "spacy",
 }
 LOCAL_PACKAGES = {"infinitetalk"}
 #: Pinned for the GPU image only: the CUDA torch, and torchao (FP8 GEMMs on Hopper, imported only by

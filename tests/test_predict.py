@@ -87,7 +87,8 @@ def args(**overrides) -> dict:
 
 def test_inputs_are_documented_with_defaults_and_ranges():
     params = inspect.signature(predict.Predictor.run).parameters
-    expected = {"image", "audio", "audio_2", "audio_mode", "box_1", "box_2", "prompt", "negative_prompt",
+    expected = {"image", "audio", "audio_2", "text", "voice", "voice_2", "speech_speed", "audio_mode", "box_1",
+                "box_2", "prompt", "negative_prompt",
                 "resolution", "width", "height", "max_duration", "steps", "text_guidance", "audio_guidance",
                 "shift", "seed", "color_correction", "apg", "quality", "turbo", "step_cache", "preview"}
     assert set(params) - {"self"} == expected
@@ -105,6 +106,13 @@ def test_inputs_are_documented_with_defaults_and_ranges():
     assert (exact.steps, exact.text_guidance, exact.audio_guidance, exact.shift) == (40, 5.0, 4.0, 7.0)
     assert (turbo.steps, turbo.text_guidance, turbo.audio_guidance, turbo.shift) == (4, 1.0, 2.0, 2.0)
     assert d["seed"] is None and d["audio_2"] is None and d["width"] is None
+    assert (d["audio"], d["text"], d["voice"], d["voice_2"], d["speech_speed"]) == (None, None, "af_heart",
+                                                                                  "am_michael", 1.0)
+    from infinitetalk import speech
+
+    assert params["voice"].default.choices == params["voice_2"].default.choices == list(speech.VOICES)
+    assert (d["voice"], d["voice_2"]) == (speech.DEFAULT_VOICE, speech.DEFAULT_VOICE_2)
+    assert (params["speech_speed"].default.ge, params["speech_speed"].default.le) == speech.SPEED_RANGE
     assert predict.quality_to_crf(d["quality"]) == 16
     assert GenerationRequest(image="x", audio="y").crf == 16  # the library's own default is the servers'
     # Literals in the Input() calls (for cog build's static parser) agree with the code's constants.

@@ -78,7 +78,7 @@ def test_build_request_defaults_and_mapping():
         ({"turbo": "yes"}, "turbo must be true or false"),
         ({"prompt": 5}, "prompt must be a string"),
         ({"quality": None}, "quality must not be null"),
-        ({"audio": None}, "audio is required"),
+        ({"audio": None}, "give audio (a speech file) or text (the words to speak)"),
         ({"image": ""}, "image is required"),
         ({"image": 3}, "image must be a file"),
         ({"imgae": "x"}, "unknown input(s) 'imgae'"),

@@ -166,7 +166,8 @@ def test_build_resolves_the_auto_choices_for_the_device(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     server, cli = Settings(), Settings(memory_mode="none", compile=True, turbo_lora="L.safetensors")
     assert build.load_options(server, cpu) == dict(memory_mode="none", compile=False, fuse_turbo=False,
-                                                   turbo_lora=None, attention_backend=None)
+                                                   turbo_lora=None, attention_backend=None,
+                                                   text_to_speech=None)
     assert build.load_options(cli, cpu)["compile"] is True  # the CLI's --compile: on any device
     assert build.load_options(cli, cpu)["turbo_lora"] == Path("L.safetensors")
     for total, mode in ((48e9, "offload"), (141e9, "none")):

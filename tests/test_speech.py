@@ -78,8 +78,9 @@ def test_text_in_a_language_the_voice_does_not_speak_says_so(text, voices, messa
     assert "American English, British English, Spanish, French, Hindi, Italian, Brazilian Portuguese" in str(err.value)
 
 
-@pytest.mark.parametrize(("text", "voice"), [("¿Qué tal? Muy bien, señor.", "ef_dora"), ("Ça va très bien.", "ff_siwis"),
-                                             ("नमस्ते दुनिया, hello", "hf_alpha"), ("Olá, tudo bem?", "pf_dora")])
+@pytest.mark.parametrize(("text", "voice"), [("¿Qué tal? Muy bien, señor.", "ef_dora"),
+                                             ("Ça va très bien.", "ff_siwis"), ("नमस्ते दुनिया, hello", "hf_alpha"),
+                                             ("Olá, tudo bem?", "pf_dora")])
 def test_text_in_the_voices_language_is_accepted(text, voice):
     assert speech.check_text_inputs(text, voice, "am_michael", 1.0) == [speech.Turn(1, text)]
 
