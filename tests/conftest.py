@@ -16,6 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+# No test touches the Hugging Face Hub: a server's setup on a folder without the optional text-to-speech
+# weights would otherwise try to fetch them (350 MB) where the network allows it. Inherited by subprocesses.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 #: Figures computed by the official implementation (tests/golden/README.md says how); part of the repository.
@@ -47,7 +50,6 @@ def tiny_weights(tmp_path_factory) -> Path:
 def tiny_weights_tts(tiny_weights, tmp_path_factory) -> Path:
     """``tiny_weights`` plus the tiny text-to-speech folders (Kokoro-82M/, en_core_web_sm/): the other
     folders are links to tiny_weights' (read only by the tests that use this)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     import make_tiny_weights as mtw
 
     out = tmp_path_factory.mktemp("weights_tts")

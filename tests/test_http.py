@@ -180,12 +180,12 @@ class CogServer:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_weights, tmp_path_factory):
+def server(tiny_weights_tts, tmp_path_factory):
     if shutil.which("ffmpeg") is None:
         pytest.skip("ffmpeg not installed")
     tmpdir = tmp_path_factory.mktemp("cog_tmp")
     log_path = tmp_path_factory.mktemp("cog_log") / "server.log"
-    srv = CogServer(tiny_weights, tmpdir, log_path)
+    srv = CogServer(tiny_weights_tts, tmpdir, log_path)
     try:
         health = srv.wait_ready(READY_TIMEOUT_S)
         assert health["setup"]["status"] == "succeeded", health
@@ -243,6 +243,32 @@ def test_sync_prediction_returns_the_mp4(server, inputs, tmp_path):
     assert (info["video"]["width"], info["video"]["height"]) == (64, 64)
     assert info["video"]["fps"] == pytest.approx(25)
     assert abs(info["format_duration"] - 1.2) <= 0.04 + 1e-3
+
+
+def test_text_input_one_speaker_and_dialogue(server, inputs, tmp_path):
+    """Text instead of audio (issue 16): one speaker, then an (s1)/(s2) dialogue (two speakers, the multi
+    weights): each a decodable MP4 with sound whose length is the synthesised speech's."""
+    for name, extra in (("one", {"text": "Hello from the Cog server.", "voice": "bm_george"}),
+                        ("two", {"text": "(s1) Good morning! (s2) Good morning to you.", "voice": "af_bella",
+                                 "voice_2": "am_adam", "speech_speed": 1.25})):
+        body_in = {"image": inputs["image"], "width": 64, "height": 64, "steps": 1, "seed": 5, **extra}
+        status, body = _predict(server, {"input": body_in})
+        assert status == 200 and body["status"] == "succeeded", (body.get("error"), server.log_tail())
+        assert ("'multi' weights active" in server.log_tail(200_000)) or name == "one"
+        out = tmp_path / f"{name}.mp4"
+        out.write_bytes(base64.b64decode(body["output"][-1].split(",", 1)[1]))
+        info = ffprobe_streams(out)
+        assert info["video"]["codec"] == "h264" and info["audio"]["codec"] == "aac"
+        seconds = body["metrics"]["video_seconds"]
+        assert info["video"]["nb_frames"] == round(seconds * 25)
+        assert abs(info["audio"]["duration"] - seconds) <= 0.04 + 1e-3
+    bad = {"image": inputs["image"], "audio": inputs["speech"], "text": "Hello"}
+    status, body = _predict(server, {"input": bad})
+    assert body["status"] == "failed" and body["error"] == COG_PREFIX + "invalid input: give audio or text, not both"
+    status, body = _predict(server, {"input": {"image": inputs["image"], "text": "Привет"}})
+    assert body["status"] == "failed" and "text has Cyrillic letters" in body["error"], body["error"]
+    status, body = _predict(server, {"input": {"image": inputs["image"], "text": "Hi", "voice": "zf_xiaoxiao"}})
+    assert status == 422, body  # not in the schema's list of voices
 
 
 def test_setup_logs_are_plain_lines_naming_the_device(server):
