@@ -263,6 +263,10 @@ def test_invalid_jobs_fail_with_the_predictor_messages(worker, files):
         (_tiny(image=server.url + "/face.png", audio=server.url + "/face.png"), "the audio input has no audio stream"),
         (_tiny(image=server.url + "/face.png", audio=data_url(folder / "face.png", "audio/wav")),
          "the audio input has no audio stream"),
+        (_tiny(image=server.url + "/face.png", audio=speech, text="Hello"), "give audio or text, not both"),
+        # This worker's weights have no text-to-speech folders (its setup warned and went on): text is refused.
+        (_tiny(image=server.url + "/face.png", text="Hello"),
+         "text input is not available here: the text-to-speech weights (Kokoro-82M/, en_core_web_sm/) are not"),
         ({"audio": speech}, "image is required"),
     ]
     ids = [(worker.run(job), message) for job, message in cases]
