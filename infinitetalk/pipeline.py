@@ -244,7 +244,12 @@ class InfiniteTalkPipeline:
         speech = None
         if text_to_speech or (text_to_speech is None and speech_lib.tts_paths(weights_dir) is not None):
             t0 = time.perf_counter()
-            speech = Speech.from_pretrained(weights_dir, device=device)
+            try:
+                speech = Speech.from_pretrained(weights_dir, device=device)
+            except ImportError as exc:  # kokoro/misaki/spacy not installed: only text requests are refused
+                if text_to_speech:
+                    raise
+                logger.warning("text input disabled: %s (install requirements.txt)", exc)
             timings["tts"] = time.perf_counter() - t0
         size, mean, std = _clip_preprocessing(paths.base / "image_processor" / "preprocessor_config.json")
         pipe = cls(transformer, vae, text_encoder, tokenizer, image_encoder, audio_encoder, device=device,

@@ -24,7 +24,9 @@ a dictionary download) and ``misaki[zh]``, which the image does not install: the
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 import unicodedata
 import warnings
 from collections.abc import Sequence
@@ -32,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError
+
+logger = logging.getLogger(__name__)
 
 #: Folders in the weights folder (``weights/README.md``).
 KOKORO_DIR = "Kokoro-82M"
@@ -275,8 +279,12 @@ class Speech:
         """:meth:`synthesize`, written as ``speech_1.wav`` (and ``speech_2.wav``) in ``folder``."""
         import soundfile as sf
 
+        t0 = time.perf_counter()
+        tracks = self.synthesize(turns, voices, speed, seed)
+        logger.info("speech: %d turn(s), %d characters, %.2f s of audio synthesised in %.2f s", len(turns),
+                    sum(len(t.text) for t in turns), len(tracks[0]) / TTS_SAMPLE_RATE, time.perf_counter() - t0)
         paths = []
-        for i, track in enumerate(self.synthesize(turns, voices, speed, seed), start=1):
+        for i, track in enumerate(tracks, start=1):
             path = Path(folder) / f"speech_{i}.wav"
             sf.write(path, track, TTS_SAMPLE_RATE, subtype="FLOAT")
             paths.append(path)

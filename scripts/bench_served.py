@@ -191,6 +191,10 @@ SERVERS = {
     "switchable-nowarm": {"INFINITETALK_WARMUP": "off"},
 }
 
+#: The text inputs' scripts: about 6 s of speech each with Kokoro's real voices (2 chunks).
+TEXT = "Hello! This is a talking video made from text. The voice, the lips and the face are all generated."
+DIALOGUE = "(s1) Good morning! Did you sleep well? (s2) Very well, thank you. And you? (s1) Not at all, sadly."
+
 #: Predictions: (record mode, audio seconds, speakers, run() inputs); ``seq-*`` are the short predictions of
 #: the compile sequence (their exact mode runs 2 steps: the graphs are the same, the time is not the mode's).
 #: 6.0 s of audio = 2 chunks (81 + 72 frames); 2.0 s = 1 chunk.
@@ -214,6 +218,10 @@ PREDICTIONS = {
     "seq-turbo-480x832": ("turbo", 2.0, 1, {"turbo": True, "width": 480, "height": 832}),
     "seq-turbo-2spk-640": ("turbo", 2.0, 2, {"turbo": True}),
     "seq-exact-2spk-640": ("exact", 2.0, 2, {"steps": 2}),
+    # text input (issue 16): no audio file, the speech is synthesised in the prediction (timings["speech"])
+    "turbo-text": ("turbo", 0.0, 1, {"turbo": True, "text": TEXT}),
+    "turbo-text-2spk": ("turbo", 0.0, 2, {"turbo": True, "text": DIALOGUE}),
+    "smoke-text-2spk": ("turbo", 0.0, 2, {"turbo": True, "text": DIALOGUE, "width": 64, "height": 64, "steps": 1}),
 }
 
 PLANS = {
@@ -240,9 +248,11 @@ PLANS = {
     # the least device time that measures the merged default's steady turbo chunk (chunk 2 of 2)
     "merged-quick": [("switchable-nowarm", ["turbo"])],
     # CPU dry run of the whole flow with tiny weights at 64x64 (BENCH_SMOKE=1; tests/test_bench_served.py)
-    "smoke": [("switchable", ["smoke-turbo", "smoke-exact-2spk", "smoke-turbo-preview"])],
+    "smoke": [("switchable", ["smoke-turbo", "smoke-exact-2spk", "smoke-turbo-preview", "smoke-text-2spk"])],
     # issue 14: time to the first preview and the cost of previews, turbo 480p as served
     "preview": [("switchable", ["turbo", "turbo-preview"])],
+    # issue 16: text input as served (synthesis in the prediction; the tiny folder's Kokoro has the real decoder widths)
+    "text": [("switchable", ["turbo", "turbo-text", "turbo-text-2spk"])],
 }
 
 # ---------------------------------------------------------------------------------------------- parent
@@ -477,7 +487,7 @@ def child(argv) -> int:
     plain: dict[str, float] = {}  # prediction name -> its wall seconds (the baseline of its "-preview" twin)
     for name in filter(None, args.predictions.split(",")):
         mode, seconds, speakers, overrides = PREDICTIONS[name]
-        files = _make_inputs(args.inputs, seconds, speakers)
+        files = _make_inputs(args.inputs, seconds, 0 if "text" in overrides else speakers)
         kwargs = dict(defaults, seed=7, **{k: cog.Path(v) for k, v in files.items()}, **overrides)
         profile = name == "turbo-idle" and cuda
         stats0 = compilation.compile_stats()
@@ -505,6 +515,9 @@ def child(argv) -> int:
                     {"adapter": "adapter-disabled", "merge": "unmerged", None: "none"}[strategy],
             "lora_strategy": strategy,
             "lora_switch_seconds": round(pipe.turbo.last_switch_seconds, 2) if pipe.turbo is not None else None,
+            "input": "text" if "text" in overrides else "audio",
+            # text input: seconds of Kokoro synthesis inside the prediction (before the first chunk)
+            "speech_seconds": round(result.timings["speech"], 2) if "text" in overrides else None,
             "encoder": "ffmpeg", "output": probe, "num_chunks": result.num_chunks, "chunk_seconds": chunks,
             "seconds_per_chunk": round(per_chunk, 2) if per_chunk else None,
             "gpu_seconds_per_video_second": round(per_chunk * num_gpus / (NEW_FRAMES_PER_CHUNK / FPS), 2)

@@ -56,7 +56,7 @@ def test_served_benchmark_dry_run_on_the_cpu(tmp_path):
     records = json.loads(out.read_text())
     for record in records:
         _check(record)
-    setup, turbo, two, with_previews, preview = records
+    setup, turbo, two, with_previews, preview, text = records
     assert setup["kind"] == "setup" and setup["server"] == "switchable"
     assert turbo["mode"] == "turbo" and turbo["num_chunks"] == 2
     assert turbo["lora"] == "fused" and turbo["lora_strategy"] == "merge"  # a switchable server runs turbo merged
@@ -69,3 +69,6 @@ def test_served_benchmark_dry_run_on_the_cpu(tmp_path):
     assert with_previews["output"]["frames"] == 150 and preview["kind"] == "preview" and preview["previews"] == 2
     assert preview["output_arrivals"] == sorted(preview["output_arrivals"]) and len(preview["output_arrivals"]) == 3
     assert preview["baseline_seconds"] == turbo["prediction_seconds"] and preview["overhead_fraction"] > -1
+    # issue 16's record: a dialogue from text, two speakers, with the synthesis time inside the prediction
+    assert text["input"] == "text" and text["speakers"] == 2 and text["output"]["audio_codec"] == "aac"
+    assert 0 < text["speech_seconds"] < text["prediction_seconds"] and turbo["speech_seconds"] is None

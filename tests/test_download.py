@@ -267,10 +267,11 @@ def test_spacy_pipeline_line_decides_which_components_are_needed(tmp_path):
     assert not download._spacy_complete(nlp)
 
 
-def test_tiny_weights_tts_folders_are_complete(tiny_weights):
-    if speech.tts_paths(tiny_weights) is None:
-        pytest.skip("the shared tiny weights have no text-to-speech folders")
-    assert plan_weights(tiny_weights, tts=True).complete
+def test_tiny_weights_tts_folders_are_complete(tiny_weights, tiny_weights_tts):
+    """What make_tiny_weights.py writes counts as a complete download; without it the plan has both groups."""
+    assert speech.tts_paths(tiny_weights_tts) is not None and plan_weights(tiny_weights_tts, tts=True).complete
+    repos = [i.repo for i in plan_weights(tiny_weights, tts=True).items]
+    assert repos == ["hexgrad/Kokoro-82M", "spacy/en_core_web_sm"]
 
 
 def test_ensure_weights_fetches_tts_into_a_complete_folder(tmp_path):

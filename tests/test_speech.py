@@ -282,3 +282,20 @@ def test_cli_refuses_text_and_audio_together_and_bad_text_before_loading(tmp_pat
     bad.write_bytes(b"\xff\xfe\x00broken")
     assert cli.main(["--image", "p.png", "--text-file", str(bad), "--out", str(tmp_path / "o.mp4")]) == 2
     assert "--text-file cannot be read as UTF-8 text" in capsys.readouterr().err
+
+
+def test_missing_tts_packages_disable_only_text_unless_required(tiny_weights_tts, monkeypatch, caplog):
+    """Weights present but kokoro/misaki/spacy not importable: a server (auto) starts without text input and
+    says why; a pipeline asked for text to speech (the CLI's --text) fails."""
+    from infinitetalk.pipeline import InfiniteTalkPipeline
+
+    def no_kokoro(*_a, **_k):
+        raise ModuleNotFoundError("No module named 'kokoro'")
+
+    monkeypatch.setattr(speech.Speech, "from_pretrained", no_kokoro)
+    caplog.set_level("WARNING", logger="infinitetalk")
+    assert InfiniteTalkPipeline.from_pretrained(tiny_weights_tts, device="cpu").speech is None
+    assert "text input disabled: No module named 'kokoro'" in caplog.text
+    with pytest.raises(ModuleNotFoundError):
+        InfiniteTalkPipeline.from_pretrained(tiny_weights_tts, device="cpu", text_to_speech=True)
+    assert InfiniteTalkPipeline.from_pretrained(tiny_weights_tts, device="cpu", text_to_speech=False).speech is None
