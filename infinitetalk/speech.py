@@ -209,7 +209,7 @@ class Speech:
 
     def __init__(self, model, voices: dict, nlp, device):
         self.model = model
-        self.voices = voices  # name -> style pack [510, 1, 256] on the device
+        self.voices = voices  # name -> style pack [510, 1, 256], float32 on the CPU
         self.nlp = nlp
         self.device = device
         self._pipelines: dict[str, object] = {}
@@ -230,7 +230,9 @@ class Speech:
             warnings.simplefilter("ignore")  # kokoro's weight_norm deprecation and one-layer LSTM dropout notes
             model = KModel(repo_id="hexgrad/Kokoro-82M", config=str(kokoro / KOKORO_CONFIG),
                            model=str(kokoro / KOKORO_FILE)).to(device).eval()
-        voices = {v: torch.load(kokoro / "voices" / f"{v}.pt", map_location="cpu", weights_only=True).to(device)
+        # On the CPU: KPipeline.load_voice takes a pack as given only when it is a torch.FloatTensor (a CPU
+        # float tensor; a CUDA one is taken for a voice name and fails), and moves it to the model's device.
+        voices = {v: torch.load(kokoro / "voices" / f"{v}.pt", map_location="cpu", weights_only=True).float()
                   for v in VOICES}
         nlp = spacy.load(nlp_dir, enable=["tok2vec", "tagger"])
         speech = cls(model, voices, nlp, torch.device(device))

@@ -145,6 +145,15 @@ def synth(tiny_weights_tts):
     return speech.Speech.from_pretrained(tiny_weights_tts)
 
 
+def test_voice_packs_stay_cpu_float_tensors(synth):
+    """kokoro 0.9.4's KPipeline.load_voice accepts a pack only as a torch.FloatTensor (CPU float32): a pack
+    moved to a GPU would be taken for a voice name and fail, so the packs stay on the CPU whatever the device."""
+    import torch
+
+    assert all(isinstance(p, torch.FloatTensor) for p in synth.voices.values())
+    assert synth._pipeline("a").load_voice(synth.voices["af_heart"]) is synth.voices["af_heart"]
+
+
 def test_same_seed_same_samples_other_seed_other_samples(synth):
     turns = speech.parse_script("Hello world. This is a test.")
     a = synth.synthesize(turns, ("af_heart", "am_michael"), 1.0, seed=11)
