@@ -26,6 +26,12 @@ from infinitetalk.service import MAX_SEED, MAX_VIDEO_SECONDS, parse_box, quality
 # that they match infinitetalk.service.INPUTS (the rules every front end validates with).
 #: = infinitetalk.pipeline.DEFAULT_PROMPT (a literal here for the static schema parser).
 DEFAULT_PROMPT = "A person is talking naturally, looking at the camera."
+#: = infinitetalk.speech.VOICES (a literal here for the static schema parser): the choices of voice and voice_2.
+VOICES = ["af_heart", "af_alloy", "af_aoede", "af_bella", "af_jessica", "af_kore", "af_nicole", "af_nova",
+          "af_river", "af_sarah", "af_sky", "am_adam", "am_echo", "am_eric", "am_fenrir", "am_liam", "am_michael",
+          "am_onyx", "am_puck", "am_santa", "bf_alice", "bf_emma", "bf_isabella", "bf_lily", "bm_daniel",
+          "bm_fable", "bm_george", "bm_lewis", "ef_dora", "em_alex", "em_santa", "ff_siwis", "hf_alpha", "hf_beta",
+          "hm_omega", "hm_psi", "if_sara", "im_nicola", "pf_dora", "pm_alex", "pm_santa"]
 
 
 # cog 0.23 (coglet) turns an exception raised by run() (a generator: the output is a list of files) into
@@ -95,24 +101,14 @@ class Predictor(BaseRunner):
         ),
         voice: str = Input(
             default="af_heart",
-            choices=["af_heart", "af_alloy", "af_aoede", "af_bella", "af_jessica", "af_kore", "af_nicole", "af_nova",
-                     "af_river", "af_sarah", "af_sky", "am_adam", "am_echo", "am_eric", "am_fenrir", "am_liam",
-                     "am_michael", "am_onyx", "am_puck", "am_santa", "bf_alice", "bf_emma", "bf_isabella", "bf_lily",
-                     "bm_daniel", "bm_fable", "bm_george", "bm_lewis", "ef_dora", "em_alex", "em_santa", "ff_siwis",
-                     "hf_alpha", "hf_beta", "hm_omega", "hm_psi", "if_sara", "im_nicola", "pf_dora", "pm_alex",
-                     "pm_santa"],
+            choices=VOICES,
             description="Voice of text (of speaker 1 in a dialogue). The first letter is the language: a American "
             "English, b British English, e Spanish, f French, h Hindi, i Italian, p Brazilian Portuguese; the second "
             "f/m female/male.",
         ),
         voice_2: str = Input(
             default="am_michael",
-            choices=["af_heart", "af_alloy", "af_aoede", "af_bella", "af_jessica", "af_kore", "af_nicole", "af_nova",
-                     "af_river", "af_sarah", "af_sky", "am_adam", "am_echo", "am_eric", "am_fenrir", "am_liam",
-                     "am_michael", "am_onyx", "am_puck", "am_santa", "bf_alice", "bf_emma", "bf_isabella", "bf_lily",
-                     "bm_daniel", "bm_fable", "bm_george", "bm_lewis", "ef_dora", "em_alex", "em_santa", "ff_siwis",
-                     "hf_alpha", "hf_beta", "hm_omega", "hm_psi", "if_sara", "im_nicola", "pf_dora", "pm_alex",
-                     "pm_santa"],
+            choices=VOICES,
             description="Voice of speaker 2 in a text dialogue ((s2) turns); same list as voice.",
         ),
         speech_speed: float = Input(
