@@ -128,6 +128,8 @@ def test_try_it_commands_make_a_playable_mp4_in_two_minutes(tried):
     assert info["video"]["codec"] == "h264" and info["audio"]["codec"] == "aac"
     assert (info["video"]["width"], info["video"]["height"]) == (64, 64)
     assert info["format_duration"] == pytest.approx(3.0, abs=0.05)
+    spoken = ffprobe_streams(tried["cwd"] / "try-text.mp4")  # the text line: as long as the synthesised speech
+    assert spoken["audio"]["codec"] == "aac" and abs(spoken["audio"]["duration"] - spoken["video"]["duration"]) <= 0.04
     probe = tried["results"][-1][1].stdout  # the README's own ffprobe line shows the two streams
     assert "codec_name=h264" in probe and "codec_name=aac" in probe
     print(f"try-it: {tried['seconds']:.1f} s", *(f"  {t:5.1f} s  {ln[:80]}" for ln, _, t in tried["results"]),
