@@ -220,10 +220,6 @@ class GenerationRequest:
     image: str | Path  # image or video (V2V dubbing)
     audio: str | Path | None = None  # speech; or give text instead
     audio_2: str | Path | None = None
-    text: str | None = None  # words to speak (speech.py): plain, or a dialogue of (s1)/(s2) turns
-    voice: str = speech.DEFAULT_VOICE  # the voice of the text (of speaker 1 in a dialogue)
-    voice_2: str = speech.DEFAULT_VOICE_2  # the voice of speaker 2 in a dialogue
-    speech_speed: float = 1.0
     audio_mode: str = "para"  # para: simultaneous; add: speaker 1 then speaker 2
     bboxes: Sequence[Sequence[float]] | None = None  # [[top, left, bottom, right], [..]] in source pixels
     prompt: str = DEFAULT_PROMPT
@@ -242,6 +238,11 @@ class GenerationRequest:
     crf: int = 16  # the servers' and the CLI's default (quality 8); the CLI's --crf and the library take any 0-51
     turbo: bool = False  # distilled LoRA mode: needs a pipeline loaded with the LoRA
     step_cache: float = 0.0  # TeaCache-rule threshold (0 = off; 0.2-0.5 trade quality for speed)
+    # Text input instead of audio (last, so the fields before keep their positions for positional callers)
+    text: str | None = None  # words to speak (speech.py): plain, or a dialogue of (s1)/(s2) turns
+    voice: str = speech.DEFAULT_VOICE  # the voice of the text (of speaker 1 in a dialogue)
+    voice_2: str = speech.DEFAULT_VOICE_2  # the voice of speaker 2 in a dialogue
+    speech_speed: float = 1.0
 
     @property
     def speakers(self) -> int:
