@@ -252,7 +252,7 @@ class GenerationRequest:
 
     def turns(self) -> list[speech.Turn]:
         """The text's turns, checked against the voices (an InputError names what is wrong)."""
-        return speech.check_text_inputs(self.text, self.voice, self.voice_2, self.speech_speed)
+        return speech.script_turns(self.text, (self.voice, self.voice_2))
 
     def resolved(self) -> GenerationRequest:
         """A copy with the mode's defaults filled in (official values for exact and LoRA modes)."""

@@ -9,8 +9,9 @@ audio encoder and mixes them into the output's soundtrack like any speech it is 
 
 Two halves:
 
-* :func:`parse_script` and :func:`check_voices` (pure Python, no torch): the rules of the inputs
-  ``text``, ``voice``, ``voice_2`` and ``speech_speed``, checked before anything heavy happens;
+* :func:`parse_script` and :func:`check_language` (pure Python, no torch): what the text must be,
+  beyond the rule table's (``infinitetalk/request.py``: its type, the voices' list, the speed's range),
+  checked before anything heavy happens;
 * :class:`Speech`: the synthesiser (the ``kokoro`` package's ``KModel`` and ``KPipeline``; the
   ``misaki`` grapheme-to-phoneme converters) loaded once with the pipeline from
   ``weights/Kokoro-82M`` and ``weights/en_core_web_sm`` (see ``weights/README.md``).
@@ -99,13 +100,6 @@ def language_of(voice: str) -> str:
     return LANGUAGES[voice[0]][0]
 
 
-def check_voice(name: str, voice: object) -> str:
-    """``voice`` (input ``name``) is one of :data:`VOICES`."""
-    if not isinstance(voice, str) or voice not in VOICES:
-        raise InputError(f"{name} must be one of the voices {', '.join(VOICES)}; got {voice!r}")
-    return voice
-
-
 def _check_characters(text: str) -> None:
     try:
         text.encode("utf-8")
@@ -175,12 +169,9 @@ def check_language(turns: Sequence[Turn], voices: Sequence[str]) -> None:
                 + ", ".join(name for name, _ in LANGUAGES.values()))
 
 
-def check_text_inputs(text: object, voice: object, voice_2: object, speed: object) -> list[Turn]:
-    """All the rules of the text inputs at once: the turns of ``text`` for ``voice`` / ``voice_2``."""
-    voices = (check_voice("voice", voice), check_voice("voice_2", voice_2))
-    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not (
-            SPEED_RANGE[0] <= speed <= SPEED_RANGE[1]):
-        raise InputError(f"speech_speed must be between {SPEED_RANGE[0]:g} and {SPEED_RANGE[1]:g}, got {speed!r}")
+def script_turns(text: object, voices: Sequence[str]) -> list[Turn]:
+    """The turns of ``text`` (:func:`parse_script`), each in a script its voice speaks (:func:`check_language`);
+    ``voices`` (speaker 1's, speaker 2's) are names of :data:`VOICES`, as the rule table checks them."""
     turns = parse_script(text)
     check_language(turns, voices)
     return turns
@@ -319,5 +310,5 @@ def _make_pipeline(lang: str, model, nlp):
 
 
 __all__ = ["DEFAULT_VOICE", "DEFAULT_VOICE_2", "KOKORO_DIR", "LANGUAGES", "MAX_TEXT_CHARS", "SPACY_DIR",
-           "SPEED_RANGE", "TTS_SAMPLE_RATE", "VOICES", "Speech", "Turn", "check_language", "check_text_inputs",
-           "check_voice", "language_of", "parse_script", "speakers_of", "tts_paths"]
+           "SPEED_RANGE", "TTS_SAMPLE_RATE", "VOICES", "Speech", "Turn", "check_language", "language_of",
+           "parse_script", "script_turns", "speakers_of", "tts_paths"]

@@ -73,7 +73,7 @@ def test_text_of_the_maximum_length_with_line_breaks_and_tabs_is_accepted():
 ])
 def test_text_in_a_language_the_voice_does_not_speak_says_so(text, voices, message):
     with pytest.raises(InputError) as err:
-        speech.check_text_inputs(text, *voices, 1.0)
+        speech.script_turns(text, voices)
     assert message in str(err.value)
     assert "American English, British English, Spanish, French, Hindi, Italian, Brazilian Portuguese" in str(err.value)
 
@@ -82,17 +82,18 @@ def test_text_in_a_language_the_voice_does_not_speak_says_so(text, voices, messa
                                              ("Ça va très bien.", "ff_siwis"), ("नमस्ते दुनिया, hello", "hf_alpha"),
                                              ("Olá, tudo bem?", "pf_dora")])
 def test_text_in_the_voices_language_is_accepted(text, voice):
-    assert speech.check_text_inputs(text, voice, "am_michael", 1.0) == [speech.Turn(1, text)]
+    assert speech.script_turns(text, (voice, "am_michael")) == [speech.Turn(1, text)]
 
 
-def test_voice_and_speed_rules():
-    with pytest.raises(InputError, match="voice must be one of the voices af_heart, .*; got 'zf_xiaoxiao'"):
-        speech.check_text_inputs("Hi", "zf_xiaoxiao", "am_michael", 1.0)
-    with pytest.raises(InputError, match="voice_2 must be one of"):
-        speech.check_text_inputs("Hi", "af_heart", "nobody", 1.0)
-    for bad in (0.49, 2.01, True, "1"):
-        with pytest.raises(InputError, match="speech_speed must be between 0.5 and 2"):
-            speech.check_text_inputs("Hi", "af_heart", "am_michael", bad)
+def test_voice_and_speed_rules_are_the_rule_tables():
+    with pytest.raises(InputError, match="voice must be one of af_heart, af_alloy, .*; got 'zf_xiaoxiao'"):
+        GenerationRequest(image="f.png", text="Hi", voice="zf_xiaoxiao").validate()
+    with pytest.raises(InputError, match="voice_2 must be one of af_heart, "):
+        GenerationRequest(image="f.png", text="Hi", voice_2="nobody").validate()
+    for bad, message in ((0.49, "must be between 0.5 and 2, got 0.49"), (2.01, "must be between 0.5 and 2, got 2.01"),
+                         (True, "must be a number, got True"), ("1", "must be a number, got '1'")):
+        with pytest.raises(InputError, match=f"speech_speed {message}"):
+            GenerationRequest(image="f.png", text="Hi", speech_speed=bad).validate()
 
 
 # --------------------------------------------------------------------------- the one rule table
@@ -192,7 +193,7 @@ def test_speed_changes_the_length(synth):
                                              ("नमस्ते दुनिया", "hf_alpha"), ("Ciao a tutti.", "im_nicola"),
                                              ("Olá, tudo bem?", "pm_alex"), ("Hello, mate.", "bm_lewis")])
 def test_every_language_speaks_offline(synth, text, voice):
-    (track,) = synth.synthesize(speech.check_text_inputs(text, voice, "am_michael", 1.0), (voice, "am_michael"))
+    (track,) = synth.synthesize(speech.script_turns(text, (voice, "am_michael")), (voice, "am_michael"))
     assert len(track) > 0.2 * speech.TTS_SAMPLE_RATE and np.abs(track).max() > 0
 
 
