@@ -308,13 +308,13 @@ def build_request(inputs: Mapping[str, Any]) -> GenerationRequest:
         raise InputError(f"unknown input(s) {', '.join(map(repr, unknown))}; the inputs are: {', '.join(INPUTS)}")
     v = {name: check_value(name, spec, inputs.get(name, None if spec.default is REQUIRED else spec.default))
          for name, spec in INPUTS.items()}
-    dialogue = v["text"] is not None and speech.speakers_of(speech.parse_script(v["text"])) == 2
-    bboxes = parse_boxes(v.pop("box_1"), v.pop("box_2"), v["audio_2"] is not None or dialogue)
+    boxes = v.pop("box_1"), v.pop("box_2")
     quality = v.pop("quality")
     v.pop("preview")  # how the video is delivered, not how it is made: the front ends read it
     if v["max_duration"] is None:
         v["max_duration"] = MAX_VIDEO_SECONDS
-    request = GenerationRequest(**v, bboxes=bboxes, crf=quality_to_crf(quality))
+    request = GenerationRequest(**v, crf=quality_to_crf(quality))
+    request.bboxes = parse_boxes(*boxes, request.speakers == 2)
     request.seed = choose_seed(request.seed)
     request.validate()
     return request
