@@ -70,7 +70,7 @@ TURBO_FILE = "Wan21_T2V_14B_lightx2v_cfg_step_distill_lora_rank32.safetensors"
 #: scripts/download_weights.py (unless --no-tts) and by the servers' setup, which only warns on failure.
 KOKORO_REPO = "hexgrad/Kokoro-82M"
 KOKORO_REVISION = os.environ.get(ENV_KOKORO_REVISION, "f3ff3571791e39611d31c381e3a41a3af07b4987")
-KOKORO_FILES = (speech.KOKORO_CONFIG, speech.KOKORO_FILE, *(f"voices/{v}.pt" for v in speech.VOICES))
+KOKORO_FILES = speech.KOKORO_FILES
 
 #: The Hub copy of spaCy's en_core_web_sm 3.8.0: the pipeline folder at its root, plus a wheel and a
 #: README that are not fetched.
@@ -79,8 +79,6 @@ SPACY_REPO = "spacy/en_core_web_sm"
 SPACY_REVISION = os.environ.get(ENV_SPACY_REVISION, "main")
 SPACY_COMPONENTS = ("tok2vec", "tagger", "parser", "senter", "attribute_ruler", "lemmatizer", "ner")
 SPACY_PATTERNS = ("config.cfg", "meta.json", "tokenizer", "vocab/*", *(f"{c}/*" for c in SPACY_COMPONENTS))
-#: The components :class:`infinitetalk.speech.Speech` loads: required whatever config.cfg lists.
-SPACY_NEEDED = ("tok2vec", "tagger")
 
 
 class WeightsDownloadError(RuntimeError):
@@ -149,43 +147,15 @@ def _component_complete(base: Path, name: str) -> bool:
     return _nonempty_dir(folder)
 
 
-def _spacy_pipeline(config: Path) -> list[str]:
-    """The component names of ``pipeline = [...]`` in the ``[nlp]`` section of a spaCy ``config.cfg``
-    (one JSON list on one line, as spaCy writes it); [] where the line cannot be read."""
-    try:
-        lines = config.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return []
-    section = ""
-    for line in map(str.strip, lines):
-        if line.startswith("["):
-            section = line
-        elif section == "[nlp]" and line.partition("=")[0].strip() == "pipeline":
-            try:
-                names = json.loads(line.partition("=")[2])
-            except ValueError:
-                return []
-            return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
-    return []
-
-
-def _spacy_complete(folder: Path) -> bool:
-    """config.cfg, meta.json and a folder for every component config.cfg's pipeline names (and for
-    :data:`SPACY_NEEDED`, also where that line cannot be read)."""
-    if not ((folder / "config.cfg").is_file() and (folder / "meta.json").is_file()):
-        return False
-    return all((folder / c).is_dir() for c in {*SPACY_NEEDED, *_spacy_pipeline(folder / "config.cfg")})
-
-
 def _plan_tts(dest: Path) -> list[DownloadItem]:
     """The text-to-speech groups ``dest`` lacks: Kokoro's missing files; spaCy's whole pipeline folder."""
     items = []
     kokoro = dest / speech.KOKORO_DIR
-    missing = [f for f in KOKORO_FILES if not (kokoro / f).is_file()]
+    missing = speech.missing_kokoro_files(kokoro)
     if missing:
         items.append(DownloadItem(KOKORO_REPO, KOKORO_REVISION, kokoro, files=tuple(missing),
                                   what="Kokoro-82M text to speech"))
-    if not _spacy_complete(dest / speech.SPACY_DIR):
+    if not speech.spacy_complete(dest / speech.SPACY_DIR):
         items.append(DownloadItem(SPACY_REPO, SPACY_REVISION, dest / speech.SPACY_DIR, patterns=SPACY_PATTERNS,
                                   what="spaCy English tagger (text to speech)"))
     return items

@@ -25,6 +25,7 @@ a dictionary download) and ``misaki[zh]``, which the image does not install: the
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -182,13 +183,50 @@ def script_turns(text: object, voices: Sequence[str]) -> list[Turn]:
 # ----------------------------------------------------------------------------------------------
 
 
+#: The files of the Kokoro folder (relative paths), as the download fetches them.
+KOKORO_FILES = (KOKORO_CONFIG, KOKORO_FILE, *(f"voices/{v}.pt" for v in VOICES))
+#: The spaCy components :class:`Speech` loads: required whatever config.cfg lists.
+SPACY_NEEDED = ("tok2vec", "tagger")
+
+
+def missing_kokoro_files(folder: Path) -> list[str]:
+    """The :data:`KOKORO_FILES` that ``folder`` lacks."""
+    return [f for f in KOKORO_FILES if not (folder / f).is_file()]
+
+
+def spacy_pipeline(config: Path) -> list[str]:
+    """The component names of ``pipeline = [...]`` in the ``[nlp]`` section of a spaCy ``config.cfg``
+    (one JSON list on one line, as spaCy writes it); [] where the line cannot be read."""
+    try:
+        lines = config.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    section = ""
+    for line in map(str.strip, lines):
+        if line.startswith("["):
+            section = line
+        elif section == "[nlp]" and line.partition("=")[0].strip() == "pipeline":
+            try:
+                names = json.loads(line.partition("=")[2])
+            except ValueError:
+                return []
+            return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+    return []
+
+
+def spacy_complete(folder: Path) -> bool:
+    """config.cfg, meta.json and a folder for every component config.cfg's pipeline names (and for
+    :data:`SPACY_NEEDED`, also where that line cannot be read)."""
+    if not ((folder / "config.cfg").is_file() and (folder / "meta.json").is_file()):
+        return False
+    return all((folder / c).is_dir() for c in {*SPACY_NEEDED, *spacy_pipeline(folder / "config.cfg")})
+
+
 def tts_paths(weights_dir: str | Path) -> tuple[Path, Path] | None:
-    """``(Kokoro folder, spaCy folder)`` in a weights folder, or None where either is incomplete."""
+    """``(Kokoro folder, spaCy folder)`` in a weights folder, or None where either is incomplete: the
+    same rule as the download's (:func:`infinitetalk.download.plan_weights` fetches what this lacks)."""
     kokoro, nlp = Path(weights_dir) / KOKORO_DIR, Path(weights_dir) / SPACY_DIR
-    complete = ((kokoro / KOKORO_CONFIG).is_file() and (kokoro / KOKORO_FILE).is_file()
-                and all((kokoro / "voices" / f"{v}.pt").is_file() for v in VOICES)
-                and (nlp / "config.cfg").is_file() and (nlp / "meta.json").is_file())
-    return (kokoro, nlp) if complete else None
+    return (kokoro, nlp) if not missing_kokoro_files(kokoro) and spacy_complete(nlp) else None
 
 
 class Speech:
@@ -310,5 +348,6 @@ def _make_pipeline(lang: str, model, nlp):
 
 
 __all__ = ["DEFAULT_VOICE", "DEFAULT_VOICE_2", "KOKORO_DIR", "LANGUAGES", "MAX_TEXT_CHARS", "SPACY_DIR",
-           "SPEED_RANGE", "TTS_SAMPLE_RATE", "VOICES", "Speech", "Turn", "check_language", "language_of",
-           "parse_script", "script_turns", "speakers_of", "tts_paths"]
+           "SPEED_RANGE", "TTS_SAMPLE_RATE", "VOICES", "KOKORO_FILES", "SPACY_NEEDED", "Speech", "Turn",
+           "check_language", "language_of", "missing_kokoro_files", "parse_script", "script_turns", "spacy_complete",
+           "spacy_pipeline", "speakers_of", "tts_paths"]

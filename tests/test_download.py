@@ -255,16 +255,16 @@ def test_spacy_pipeline_line_decides_which_components_are_needed(tmp_path):
     (nlp / "config.cfg").write_text('[nlp]\nlang = "en"\npipeline = ["tok2vec", "tagger", "custom"]\n')
     for component in ("tok2vec", "tagger"):
         (nlp / component).mkdir()
-    assert not download._spacy_complete(nlp)
+    assert not speech.spacy_complete(nlp)
     (nlp / "custom").mkdir()
-    assert download._spacy_complete(nlp)
+    assert speech.spacy_complete(nlp)
     # A pipeline line outside [nlp] does not count; unreadable: the components the synthesiser loads.
     (nlp / "config.cfg").write_text('[other]\npipeline = ["missing"]\n[nlp]\npipeline = ["tok2vec"]\n')
-    assert download._spacy_pipeline(nlp / "config.cfg") == ["tok2vec"] and download._spacy_complete(nlp)
+    assert speech.spacy_pipeline(nlp / "config.cfg") == ["tok2vec"] and speech.spacy_complete(nlp)
     (nlp / "config.cfg").write_text("[nlp]\npipeline = not json\n")
-    assert download._spacy_pipeline(nlp / "config.cfg") == [] and download._spacy_complete(nlp)
+    assert speech.spacy_pipeline(nlp / "config.cfg") == [] and speech.spacy_complete(nlp)
     (nlp / "tagger").rmdir()
-    assert not download._spacy_complete(nlp)
+    assert not speech.spacy_complete(nlp)
 
 
 def test_tiny_weights_tts_folders_are_complete(tiny_weights, tiny_weights_tts):
