@@ -483,20 +483,25 @@ class InfiniteTalkPipeline:
     def _chunk_inputs(self, job: _Job, k: int, motion_frames: torch.Tensor | None) -> _ChunkInputs:
         """What chunk ``k`` is conditioned on: the reference (V2V: the source frame at the chunk's
         time), the clean context latents (the reference for chunk 0, the previous chunk's last 9
-        frames later), the audio windows of its 81 frames and its noise."""
+        frames later), the audio windows of its 81 frames and its noise.
+
+        The CPU work (noise, audio windows) and their copies come first: a copy to the GPU waits for
+        the GPU's queue, so made after the context's encode was queued it would leave the GPU idle
+        while the rest of the chunk is launched."""
         start = job.plan.starts[k]
+        # The audio is end-padded (a mirrored tail) as the plan says; only the index grows, not the features.
+        job.audio_index = audio_lib.pad_audio_end(job.audio_index, job.plan.pad_before[k])
+        windows = torch.stack([audio_lib.gather_windows(e, start, FRAME_NUM, index=job.audio_index)
+                               for e in job.embeddings])  # [P, 81, 5, layers, hidden]
+        noise = torch.randn(16, LATENT_FRAMES, job.height // 8, job.width // 8, generator=job.generator)
+        audio, noise = windows[None].to(self.device, self.dtype), noise.to(self.device)
         frame, clip, y = job.reference, job.clip, job.y
         if job.reader is not None and k > 0:
             frame = _to_model_frame(job.reader.frame_at(start / FPS), (job.height, job.width))
             clip, y = self._condition(frame)
         context = frame[None, :, None] if k == 0 else motion_frames
         motion = vae_encode(self.vae, context.to(self.device))[0].float()
-        # The audio is end-padded (a mirrored tail) as the plan says; only the index grows, not the features.
-        job.audio_index = audio_lib.pad_audio_end(job.audio_index, job.plan.pad_before[k])
-        windows = torch.stack([audio_lib.gather_windows(e, start, FRAME_NUM, index=job.audio_index)
-                               for e in job.embeddings])  # [P, 81, 5, layers, hidden]
-        noise = torch.randn(16, LATENT_FRAMES, job.height // 8, job.width // 8, generator=job.generator)
-        return _ChunkInputs(clip, y, motion, windows[None].to(self.device, self.dtype), noise)
+        return _ChunkInputs(clip, y, motion, audio, noise)
 
     # ------------------------------------------------------------------ stage 3: denoise
     def _denoise(self, job: _Job, chunk: _ChunkInputs, k: int, on_step) -> torch.Tensor:
@@ -506,7 +511,7 @@ class InfiniteTalkPipeline:
         guided = make_guided_denoiser(self._branch_model(job, chunk), req.text_guidance, req.audio_guidance,
                                       APGState() if req.apg else None)
         denoiser = ContextLatents(guided, chunk.motion, job.generator, replay_noise=k > 0)
-        return denoiser.sample(chunk.noise.to(self.device), job.timesteps, callback=on_step)
+        return denoiser.sample(chunk.noise, job.timesteps, callback=on_step)
 
     def _branch_model(self, job: _Job, chunk: _ChunkInputs):
         """``model(x, t, branch)``: the DiT on one guidance branch's conditions, in the branch's
@@ -634,7 +639,7 @@ class _ChunkInputs:
     y: torch.Tensor
     motion: torch.Tensor  # clean context latents [16, n_m, h, w]
     audio: torch.Tensor  # audio windows [1, P, 81, 5, layers, hidden] on the device
-    noise: torch.Tensor  # [16, 21, h, w] (CPU)
+    noise: torch.Tensor  # [16, 21, h, w] on the device (drawn on the CPU from the job's generator)
 
 
 class _StepCacheRun:
@@ -672,7 +677,9 @@ class _Progress:
         self.chunks = tqdm(total=job.plan.num_chunks, desc="chunks", unit="chunk", disable=not self.bars)
         self.steps = None
         self.k = 0
-        self.t_chunk = self.t_sampled = 0.0
+        self.t_chunk = 0.0
+        self.clock = _DeviceClock(pipe.device)
+        self.mark_start = self.mark_sampled = None
         self.t_loop = time.perf_counter()
 
     def chunk_started(self, k: int) -> None:
@@ -680,6 +687,7 @@ class _Progress:
         self.steps = tqdm(total=self.num_steps, desc=f"chunk {k + 1}/{self.job.plan.num_chunks}", unit="step",
                           leave=False, disable=not self.bars)
         self.t_chunk = time.perf_counter()
+        self.mark_start = self.clock.mark()
 
     def on_step(self, i: int, _num_steps: int, _x) -> None:
         self.steps.update(1)
@@ -689,7 +697,7 @@ class _Progress:
 
     def sampled(self) -> None:
         self.steps.close()
-        self.t_sampled = _sync_time(self.pipe.device)
+        self.mark_sampled = self.clock.mark()  # no wait for the GPU: the decode is queued right behind
 
     def chunk_done(self, cache) -> None:
         self.chunks.update(1)
@@ -697,7 +705,7 @@ class _Progress:
         if cache.skipped is not None:
             timings.setdefault("step_cache_skipped", []).append(cache.skipped)
         t_done = _sync_time(self.pipe.device)
-        timings.setdefault("sampling_per_chunk", []).append(self.t_sampled - self.t_chunk)
+        timings.setdefault("sampling_per_chunk", []).append(self.clock.seconds(self.mark_start, self.mark_sampled))
         timings.setdefault("chunk_seconds", []).append(t_done - self.t_chunk)
         if self.lines:
             logger.info("chunk %d/%d done: %.2f s of %.2f s video in %.1f s", self.k + 1, self.job.plan.num_chunks,
@@ -860,6 +868,25 @@ def _parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         if ".base_layer." in name:
             params.setdefault(name.replace(".base_layer.", "."), params[name])
     return params
+
+
+class _DeviceClock:
+    """Marks on the device's own timeline, read after a synchronisation: CUDA events on a GPU (recording
+    one does not wait for the GPU, so the queue never runs dry for a timing), the wall clock elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device if device.type == "cuda" else None
+
+    def mark(self):
+        if self.device is None:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def seconds(self, start, end) -> float:
+        """Seconds from ``start`` to ``end`` (both marks); on a GPU only once ``end`` has completed."""
+        return start.elapsed_time(end) / 1000.0 if self.device is not None else end - start
 
 
 def _sync_time(device: torch.device) -> float:

@@ -246,10 +246,13 @@ def sample_euler(
     """
     x = x.clone()
     num_steps = int(timesteps.shape[0]) - 1
+    # On the latent's device once: a host-to-device copy inside the loop waits for the GPU every step,
+    # which leaves it idle while the next model call is launched. Same float32 arithmetic either side.
+    timesteps = timesteps.to(x.device)
     for i in range(num_steps):
-        pred = model(x, timesteps[i : i + 1].to(x.device))
+        pred = model(x, timesteps[i : i + 1])
         dt = (timesteps[i] - timesteps[i + 1]).reshape(1) / _NUM_TRAIN_TIMESTEPS
-        x = x + (-pred) * dt.to(x.device)
+        x = x + (-pred) * dt
         if post_step is not None:
             x = post_step(x)
         if callback is not None:
