@@ -61,7 +61,7 @@ def write_full_weights(root: Path, log=print) -> dict:
 
     t0 = time.perf_counter()
     shutil.rmtree(root, ignore_errors=True)
-    mtw.make_tiny_weights(root)
+    mtw.make_tiny_weights(root, with_tts=False)  # the text-to-speech weights need kokoro, not carried here
     base = root / mtw.WAN_DIR
     shutil.rmtree(base / "transformer")  # the prepared copy replaces the base transformer + single file
     (root / mtw.INFINITETALK_DIR / "single" / mtw.INFINITETALK_FILE).unlink()
@@ -205,6 +205,7 @@ PREDICTIONS = {
     "turbo-2spk": ("turbo", 6.0, 2, {"turbo": True}),
     "exact": ("exact", 2.0, 1, {}),
     "turbo-720p": ("turbo", 6.0, 1, {"turbo": True, "resolution": "720p"}),
+    "turbo-832x480": ("turbo", 6.0, 1, {"turbo": True, "width": 832, "height": 480}),  # Wan's own 480p size
     "fp8-turbo": ("fp8-turbo", 6.0, 1, {"turbo": True}),
     "smoke-turbo": ("turbo", 6.0, 1, {"turbo": True, "width": 64, "height": 64, "steps": 1}),
     "smoke-turbo-preview": ("turbo", 6.0, 1, {"turbo": True, "width": 64, "height": 64, "steps": 1, "preview": True}),
@@ -247,6 +248,10 @@ PLANS = {
     "merged": [("switchable", ["turbo", "seq-exact-640", "seq-turbo-640", "turbo-2spk"])],
     # the least device time that measures the merged default's steady turbo chunk (chunk 2 of 2)
     "merged-quick": [("switchable-nowarm", ["turbo"])],
+    # the merged default as served after the launch-order changes: turbo at both 480p shapes, previews (issue 14),
+    # one forward per step, the switches to exact and back
+    "served": [("switchable", ["turbo", "turbo-832x480", "turbo-preview", "turbo-1nfe", "seq-exact-640",
+                               "seq-turbo-640"])],
     # CPU dry run of the whole flow with tiny weights at 64x64 (BENCH_SMOKE=1; tests/test_bench_served.py)
     "smoke": [("switchable", ["smoke-turbo", "smoke-exact-2spk", "smoke-turbo-preview", "smoke-text-2spk"])],
     # issue 14: time to the first preview and the cost of previews, turbo 480p as served

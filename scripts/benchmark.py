@@ -45,6 +45,10 @@ def apply_variant(model, variant: str) -> None:
         from infinitetalk.pipeline import quantize_fp8
 
         print(f"fp8 (torchao) on {quantize_fp8(model)} linear layers", flush=True)
+    elif variant == "sage8":  # issue 15: the blocks' self-attention in 8 bits (SageAttention 2, sm90)
+        from infinitetalk.attention import set_self_attention_8bit
+
+        print(f"8-bit self-attention in {set_self_attention_8bit(model)} blocks", flush=True)
     elif variant == "fp8-storage":
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     elif variant != "eager":
@@ -58,9 +62,13 @@ def bench_forward(args) -> list[dict]:
     layers = model.config.num_layers
     records = []
     refs = torch.load(args.ref, weights_only=True) if args.ref and args.ref.exists() else {}
+    applied = []
     for variant in args.variants:
         apply_variant(model, variant)
-        records += _forward_sweep(args, model, env, layers, variant, refs)
+        applied.append(variant)
+        label = "+".join(v for v in applied if v != "eager") or "eager"  # e.g. compile+fp8-torchao+sage8
+        if args.measure is None or label in args.measure:
+            records += _forward_sweep(args, model, env, layers, label, refs)
     if args.ref and not args.ref.exists():
         torch.save(refs, args.ref)
     return records
@@ -74,6 +82,11 @@ def _forward_sweep(args, model, env, layers, variant, refs) -> list[dict]:
             inputs, masks = forward_inputs(model.config, h, w, speakers, batch=batch)
             for backend in args.backends:
                 model.set_attention_backend(backend)
+                eight_bit = "sage8" in variant.split("+")
+                if eight_bit:  # set_attention_backend set every module: the self-attention in 8 bits again
+                    from infinitetalk.attention import BACKEND, set_self_attention_8bit
+
+                    set_self_attention_8bit(model)
                 torch.cuda.reset_peak_memory_stats()
                 with torch.no_grad():
                     sec = time_cuda(partial(model, *inputs, ref_target_masks=masks, return_dict=False), args.warmup,
@@ -81,18 +94,25 @@ def _forward_sweep(args, model, env, layers, variant, refs) -> list[dict]:
                     out = model(*inputs, ref_target_masks=masks, return_dict=False)[0][:1].float()
                 sec /= batch  # per forward
                 key = f"{res}-{speakers}"
-                rel_err = None
+                rel_err = rel_compiled = None
                 if key in refs:
                     ref = refs[key].to(out.device)
                     rel_err = round(((out - ref).norm() / ref.norm()).item(), 5)
                 elif variant == "eager":
                     refs[key] = out.cpu()
+                if variant == "compile":  # the exact path as served: compiled bf16
+                    refs[key + "-compiled"] = out.cpu()
+                elif key + "-compiled" in refs and variant != "eager":
+                    ref = refs[key + "-compiled"].to(out.device)
+                    rel_compiled = round(((out - ref).norm() / ref.norm()).item(), 5)
                 scale = FULL_CONFIG["num_layers"] / layers  # extrapolate when fewer layers were built
                 fl = forward_flops(FULL_CONFIG, h, w, speakers=speakers)
                 sec_full = sec * scale
                 rec = dict(
-                    env, mode="forward", variant=variant, rel_l2_vs_eager_bf16=rel_err, resolution=res, width=w,
+                    env, mode="forward", variant=variant, rel_l2_vs_eager_bf16=rel_err,
+                    rel_l2_vs_compiled_bf16=rel_compiled, resolution=res, width=w,
                     height=h, speakers=speakers, backend=backend, batch=batch,
+                    attention_backend=BACKEND if eight_bit else backend,
                     weights_memory_gb=round(torch.cuda.memory_allocated() / 1e9, 2),
                     layers_measured=layers, seconds_per_forward=round(sec_full, 4),
                     achieved_tflops=round(fl["total_flops"] / sec_full / 1e12, 1),
@@ -155,7 +175,11 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="exact,turbo", type=lambda s: s.split(","))
     ap.add_argument("--layers", type=int, default=None, help="build fewer blocks and extrapolate (memory/time)")
     ap.add_argument("--variants", default="eager", type=lambda s: s.split(","),
-                    help="forward: eager, compile, fp8-storage (applied in order to one model)")
+                    help="forward: eager, compile, fp8-torchao, sage8 (8-bit self-attention), fp8-storage "
+                         "(applied in order to one model; a record's variant names all applied so far)")
+    ap.add_argument("--measure", default=None, type=lambda s: s.split(","),
+                    help="forward: measure only these cumulative variants (e.g. fp8-torchao+sage8+compile); "
+                         "the others are applied without a sweep")
     ap.add_argument("--ref", type=Path, default=None,
                     help="forward/parallel: file holding the reference (eager / one-GPU) outputs to compare with")
     ap.add_argument("--compile", action="store_true", help="chunk: regional torch.compile of the blocks")
@@ -198,7 +222,7 @@ def print_table(records: list[dict]) -> None:
     cols = ["mode", "variant", "num_gpus", "resolution", "speakers", "backend", "seconds_per_forward",
             "achieved_tflops", "floor_seconds_per_forward", "ratio_to_floor", "seconds_per_chunk",
             "gpu_seconds_per_video_second", "decode_seconds", "encode_seconds", "peak_memory_gb",
-            "rel_l2_vs_eager_bf16", "speedup_vs_1gpu",
+            "rel_l2_vs_eager_bf16", "rel_l2_vs_compiled_bf16", "attention_backend", "speedup_vs_1gpu",
             "rel_l2_vs_1gpu"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
