@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--turbo", action="store_true",
                     help="distilled lightx2v LoRA: 4 steps, 2 forwards per step (needs weights/lightx2v/)")
     ap.add_argument("--lora", type=Path, default=None, help="turbo LoRA file (default: weights/lightx2v/*.safetensors)")
+    ap.add_argument("--fast", action="store_true",
+                    help="FP8 GEMMs + 8-bit self-attention (approximate; Hopper GPU, the sageattention package; "
+                         "compiles the model)")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (default 40; turbo 4)")
     ap.add_argument("--text-guidance", type=float, default=None,
                     help="text CFG scale (default 5; turbo 1); 1 = 2-forward audio-only CFG")
@@ -118,7 +121,8 @@ def settings_from_args(args: argparse.Namespace, env: Mapping[str, str] | None =
     env = os.environ if env is None else env
     weights = args.weights if args.weights is not None else default_weights_dir(env)
     speaks = getattr(args, "text", None) is not None or getattr(args, "text_file", None) is not None
-    return Settings(weights=weights, memory_mode=args.memory_mode, compile=args.compile, num_gpus=args.num_gpus,
+    compile_ = True if getattr(args, "fast", False) else args.compile  # fast needs the compiled model
+    return Settings(weights=weights, memory_mode=args.memory_mode, compile=compile_, num_gpus=args.num_gpus,
                     turbo_lora=args.lora, attention_backend=args.attention_backend, text_to_speech=speaks)
 
 
@@ -141,7 +145,7 @@ def request_from_args(args: argparse.Namespace):
         bboxes=args.bbox, prompt=args.prompt or DEFAULT_PROMPT, negative_prompt=args.negative_prompt,
         resolution=args.resolution, width=args.width, height=args.height, max_duration=args.max_duration,
         steps=args.steps, text_guidance=args.text_guidance, audio_guidance=args.audio_guidance, shift=args.shift,
-        seed=args.seed, color_correction=args.color_correction, apg=args.apg, turbo=args.turbo,
+        seed=args.seed, color_correction=args.color_correction, apg=args.apg, turbo=args.turbo, fast=args.fast,
         crf=args.crf if args.crf is not None else quality_to_crf(quality), step_cache=args.step_cache,
     )
 

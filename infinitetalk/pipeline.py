@@ -19,9 +19,11 @@ import json
 import logging
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -31,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import audio as audio_lib
+from . import fast as fast_lib
 from . import inputs
 from . import speech as speech_lib
 from .buckets import choose_bucket, masks_to_latent, resize_and_centercrop, speaker_masks
@@ -50,6 +53,7 @@ from .conditioning import (
 )
 from .distributed import check_token_split, enable_sequence_parallel, stop_together
 from .errors import GenerationCancelled, InputError
+from .fast import FastPreset
 from .lora import TurboLoRA
 from .preview import HLSOutput, HLSWriter
 from .request import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, GenerationRequest, choose_seed
@@ -164,6 +168,8 @@ class InfiniteTalkPipeline:
         self._prompt_cache: dict[str, tuple[torch.Tensor, bool]] = {}
         self.turbo = turbo  # the distilled LoRA (switchable adapter, or fused into the weights)
         self.speech = speech  # text to speech (speech.py); None: text requests are refused
+        self.fast: FastPreset | None = None  # the fast option (fast.py); None: fast requests are refused, because:
+        self.fast_unavailable: str | None = "it needs the compiled model on an NVIDIA Hopper GPU"
         self.parallel = None  # a ParallelContext once the sequence is split over several GPUs
         self.tmp_dir: str | None = None  # where generate() makes its temporary folder (None: the system's)
         self.step_cache_options: dict = {}  # extra StepCacheConfig fields (the benchmark's calibration)
@@ -185,6 +191,9 @@ class InfiniteTalkPipeline:
         again with a new group's context (the workers were restarted), the split moves to that group."""
         enable_sequence_parallel(self.transformer, context)
         self.parallel = context
+        if self.fast is not None:
+            self.fast.off()
+        self.fast, self.fast_unavailable = None, "it runs on one GPU (this server splits each forward over several)"
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -197,10 +206,8 @@ class InfiniteTalkPipeline:
 
         ``text_to_speech``: load Kokoro for text requests; None (default) where its folders are complete,
         True requires them, False leaves it out."""
-        from diffusers import AutoencoderKLWan
-        from transformers import AutoTokenizer, CLIPVisionModelWithProjection, UMT5EncoderModel
-
-        from .weights import load_transformer, read_transformer_tensors
+        import diffusers  # noqa: F401 - imported before the text-to-speech thread below starts, which imports
+        import transformers  # noqa: F401 - transformers too (Kokoro's ALBERT): one thread initialises them
 
         paths = WeightPaths.discover(weights_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -208,6 +215,43 @@ class InfiniteTalkPipeline:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         vae_dtype = vae_dtype or torch.float32
         timings = {}
+        with _MODEL_LOADING:
+            pipe = cls._load_models(paths, device, dtype, vae_dtype, attention_backend, compile, turbo_lora,
+                                    fuse_turbo, memory_mode, timings)
+        pipe.load_timings = timings
+        logger.info("loaded InfiniteTalk on %s (%s): %s", device, dtype,
+                    ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+        if text_to_speech or (text_to_speech is None and speech_lib.tts_paths(weights_dir) is not None):
+            # A server's setup goes on to its warm-up (GPU work) while a thread loads Kokoro, spaCy and misaki
+            # (seconds of CPU work); the first use of ``speech`` waits for it. Required (the CLI's --text): now.
+            pool = ThreadPoolExecutor(1, thread_name_prefix="tts-load")
+            pipe._speech_loading = pool.submit(_load_speech, weights_dir, device, bool(text_to_speech))
+            pool.shutdown(wait=False)  # the thread ends with its one task
+            if text_to_speech:
+                pipe.speech  # noqa: B018 - waits, and raises what the load raised
+        return pipe
+
+    @property
+    def speech(self) -> Speech | None:
+        """Text to speech (speech.py); None: text requests are refused. Loaded on a thread after the
+        models: this waits for that load once and records its seconds in ``load_timings["tts"]``."""
+        if self._speech_loading is not None:
+            loading, self._speech_loading = self._speech_loading, None
+            self._speech, self.load_timings["tts"] = loading.result()
+        return self._speech
+
+    @speech.setter
+    def speech(self, value: Speech | None) -> None:
+        self._speech, self._speech_loading = value, None
+
+    @classmethod
+    def _load_models(cls, paths: WeightPaths, device, dtype, vae_dtype, attention_backend, compile, turbo_lora,
+                     fuse_turbo, memory_mode, timings) -> InfiniteTalkPipeline:
+        from diffusers import AutoencoderKLWan
+        from transformers import AutoTokenizer, CLIPVisionModelWithProjection, UMT5EncoderModel
+
+        from .weights import load_transformer, read_transformer_tensors
+
         t0 = time.perf_counter()
         sources = (paths.prepared, None) if paths.prepared is not None else (paths.base / "transformer", paths.single)
         transformer = load_transformer(*sources, device=device, dtype=dtype)
@@ -225,6 +269,7 @@ class InfiniteTalkPipeline:
                  if lora_path is not None else None)
         apply_memory_mode(transformer, memory_mode, device, dtype)
         compiled = compile and compile_transformer(transformer)
+        no_fast = fast_lib.unavailable(device, compiled=bool(compiled), memory_mode=memory_mode, parallel=False)
         t0 = time.perf_counter()
         vae = AutoencoderKLWan.from_pretrained(paths.base / "vae", torch_dtype=vae_dtype).to(device).eval()
         if device.type == "cuda":
@@ -241,24 +286,11 @@ class InfiniteTalkPipeline:
         t0 = time.perf_counter()
         audio_encoder = audio_lib.Wav2Vec2FeatureEncoder.from_pretrained(paths.wav2vec, device=device)
         timings["wav2vec2"] = time.perf_counter() - t0
-        speech = None
-        if text_to_speech or (text_to_speech is None and speech_lib.tts_paths(weights_dir) is not None):
-            t0 = time.perf_counter()
-            try:
-                speech = Speech.from_pretrained(weights_dir, device=device)
-            except ImportError as exc:  # kokoro/misaki/spacy not installed: only text requests are refused
-                if text_to_speech:
-                    raise
-                logger.warning("text input disabled: %s (install requirements.txt)", exc)
-            timings["tts"] = time.perf_counter() - t0
         size, mean, std = _clip_preprocessing(paths.base / "image_processor" / "preprocessor_config.json")
         pipe = cls(transformer, vae, text_encoder, tokenizer, image_encoder, audio_encoder, device=device,
-                   dtype=dtype, clip_size=size, clip_mean=mean, clip_std=std, multi_weights=paths.multi, turbo=turbo,
-                   speech=speech)
-        pipe.load_timings = timings
+                   dtype=dtype, clip_size=size, clip_mean=mean, clip_std=std, multi_weights=paths.multi, turbo=turbo)
         pipe.compiled = bool(compiled)
-        logger.info("loaded InfiniteTalk on %s (%s): %s", device, dtype,
-                    ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+        pipe.fast, pipe.fast_unavailable = (FastPreset(transformer), None) if no_fast is None else (None, no_fast)
         return pipe
 
     # ------------------------------------------------------------------ speaker checkpoints
@@ -380,13 +412,19 @@ class InfiniteTalkPipeline:
 
     # ------------------------------------------------------------------ stage 1: the video, once
     def _select_mode(self, req: GenerationRequest) -> None:
-        """Exact or turbo: switch the distilled LoRA on or off for this request."""
+        """Exact or turbo, bf16 or fast: switch the distilled LoRA and the fast weights for this request."""
         if req.turbo and not self.turbo_loaded:
             raise InputError("turbo mode needs the distilled LoRA, which is not installed on this server")
         if not req.turbo and self.turbo_only:
             raise InputError("this server runs turbo mode only (the LoRA is fused into the weights)")
+        if req.fast and self.fast is None:
+            raise InputError(f"fast is not available on this server: {self.fast_unavailable}")
         if self.turbo is not None and not self.turbo.fused:
+            if self.fast is not None and self.turbo.enabled != req.turbo:
+                self.fast.off()  # the LoRA's switch writes the bf16 weights
             self.turbo.set_enabled(req.turbo)
+        if self.fast is not None:
+            self.fast.set(req.fast, weights_state=self.turbo.merged if self.turbo is not None else None)
 
     def _prepare(self, req: GenerationRequest, tmp: Path) -> _Job:
         """Everything fixed for the whole video: reference and size, audio features and the chunk
@@ -783,9 +821,10 @@ def apply_memory_mode(transformer, mode: str, device: torch.device, dtype: torch
 
 
 def quantize_fp8(transformer) -> int:
-    """FP8 compute for the blocks' linear layers (torchao): e4m3 weights with per-row scales and
-    dynamically quantised activations, so the GEMMs run on Hopper's FP8 tensor cores.  Embeddings,
-    the audio modules and the output head stay bf16.  Returns the number of layers converted."""
+    """FP8 compute for the blocks' linear layers (torchao; :func:`infinitetalk.fast.fp8_layer` says which):
+    e4m3 weights with per-row scales and dynamically quantised activations, so the GEMMs run on Hopper's
+    FP8 tensor cores.  Embeddings, the audio modules and the output head stay bf16.  Returns the number of
+    layers converted."""
     try:
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
     except ImportError as exc:  # optional GPU dependency
@@ -794,12 +833,7 @@ def quantize_fp8(transformer) -> int:
 
     def blocks_linear(module, fqn: str) -> bool:
         nonlocal count
-        # The audio attention stays bf16: its weights are swapped in place between the single and
-        # multi checkpoints, which a quantised tensor cannot take.
-        # The turbo adapter's own lora_A/lora_B (rank 64) stay bf16; the layers they adapt (``base_layer``)
-        # are quantised.
-        ok = isinstance(module, torch.nn.Linear) and fqn.startswith("blocks.") and ".audio_attn." not in fqn \
-            and ".lora_" not in fqn and module.in_features % 16 == 0 and module.out_features % 16 == 0
+        ok = fast_lib.fp8_layer(module, fqn)
         count += ok
         return ok
 
@@ -887,6 +921,27 @@ class _DeviceClock:
     def seconds(self, start, end) -> float:
         """Seconds from ``start`` to ``end`` (both marks); on a GPU only once ``end`` has completed."""
         return start.elapsed_time(end) / 1000.0 if self.device is not None else end - start
+
+
+#: Held while models are built: transformers' and diffusers' loaders build modules on the meta device
+#: through process-wide patches, which would also catch a module another thread builds meanwhile (the
+#: text-to-speech load), so the two never overlap.
+_MODEL_LOADING = threading.Lock()
+
+
+def _load_speech(weights_dir, device: torch.device, required: bool) -> tuple[Speech | None, float]:
+    """Kokoro and its English pipeline (run on a loader thread), and the seconds it took. Without the
+    kokoro/misaki/spaCy packages only text requests are refused, unless text was ``required``."""
+    t0 = time.perf_counter()
+    try:
+        with _MODEL_LOADING:
+            speech = Speech.from_pretrained(weights_dir, device=device)
+    except ImportError as exc:
+        if required:
+            raise
+        logger.warning("text input disabled: %s (install requirements.txt)", exc)
+        speech = None
+    return speech, time.perf_counter() - t0
 
 
 def _sync_time(device: torch.device) -> float:

@@ -69,6 +69,7 @@ INPUTS: dict[str, InputSpec] = {
     "height": InputSpec("int", None, 64, 2048, multiple_of=16),
     "max_duration": InputSpec("float", None, 0.04, MAX_VIDEO_SECONDS),
     "turbo": InputSpec("bool", False),
+    "fast": InputSpec("bool", False),  # FP8 GEMMs + 8-bit self-attention (fast.py); servers that can say so
     "steps": InputSpec("int", None, 1, 100),
     "text_guidance": InputSpec("float", None, 0.0, 20.0),
     "audio_guidance": InputSpec("float", None, 0.0, 20.0),
@@ -243,6 +244,7 @@ class GenerationRequest:
     voice: str = speech.DEFAULT_VOICE  # the voice of the text (of speaker 1 in a dialogue)
     voice_2: str = speech.DEFAULT_VOICE_2  # the voice of speaker 2 in a dialogue
     speech_speed: float = 1.0
+    fast: bool = False  # FP8 GEMMs + 8-bit self-attention on Hopper (infinitetalk/fast.py): approximate
 
     @property
     def speakers(self) -> int:

@@ -245,6 +245,10 @@ def load_pipeline(settings: Settings | None = None, log: Callable[[str], None] =
             t1 = time.perf_counter()
             save_compile_cache(cache)  # the next start from this weights folder compiles from it
             timings["compile_cache_save"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    if getattr(pipe, "speech", None) is not None:  # loaded on a thread beside the warm-up; READY includes it
+        log(f"setup: text to speech ready ({timings.get('tts', 0.0):.1f}s beside the warm-up; "
+            f"waited {time.perf_counter() - t1:.1f}s for it)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     return pipe

@@ -42,7 +42,11 @@ IMPORT_TO_DIST = {
     "kokoro": "kokoro",
     "misaki": "misaki",
     "spacy": "spacy",
+    "sageattention": "sageattention",
 }
+#: Built in the GPU image by cog.yaml's build step (from source at a pinned commit, no wheel exists), not pinned
+#: in a requirements file: the fast input's 8-bit attention (infinitetalk/fast.py imports it only on Hopper).
+BUILT_IN_IMAGE = {"sageattention"}
 LOCAL_PACKAGES = {"infinitetalk"}
 #: Pinned for the GPU image only: the CUDA torch, and torchao (FP8 GEMMs on Hopper, imported only by
 #: the fp8 memory mode on CUDA; on the CPU build it cannot load its kernels and only adds warnings).
@@ -119,7 +123,11 @@ def test_cog_yaml_is_valid_and_points_at_the_predictor():
     assert build["gpu"] is True
     assert build["python_version"] in ("3.11", "3.12")
     assert "ffmpeg" in build["system_packages"]
-    assert "python_packages" not in build and "run" not in build  # no build-time downloads
+    assert "python_packages" not in build  # every Python pin is in python_requirements
+    # the one build step: SageAttention (the fast input) from its source at a pinned commit, for Hopper
+    (step,) = build["run"]
+    assert re.fullmatch(r"TORCH_CUDA_ARCH_LIST=9\.0 MAX_JOBS=\d+ pip install --no-build-isolation --no-deps "
+                        r"https://github\.com/thu-ml/SageAttention/archive/[0-9a-f]{40}\.tar\.gz", step), step
     assert (ROOT / build["python_requirements"]).is_file()
     assert cfg["run"] == "predict.py:Predictor" and "predict" not in cfg
     module, cls = cfg["run"].split(":")
@@ -225,7 +233,9 @@ def test_every_import_is_pinned():
     assert not unknown, f"imports with no known distribution (add to IMPORT_TO_DIST and the requirements): {unknown}"
     for module, files in imports.items():
         dist = _norm(IMPORT_TO_DIST[module])
-        if dist in GPU_ONLY:
+        if dist in BUILT_IN_IMAGE:
+            assert dist in yaml.safe_load((ROOT / "cog.yaml").read_text())["build"]["run"][0].lower(), files
+        elif dist in GPU_ONLY:
             assert dist in gpu, files
         elif dist == "cog":
             assert dist in cpu, files  # the GPU image gets it from build.sdk_version

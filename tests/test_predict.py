@@ -90,7 +90,7 @@ def test_inputs_are_documented_with_defaults_and_ranges():
     expected = {"image", "audio", "audio_2", "text", "voice", "voice_2", "speech_speed", "audio_mode", "box_1",
                 "box_2", "prompt", "negative_prompt",
                 "resolution", "width", "height", "max_duration", "steps", "text_guidance", "audio_guidance",
-                "shift", "seed", "color_correction", "apg", "quality", "turbo", "step_cache", "preview"}
+                "shift", "seed", "color_correction", "apg", "quality", "turbo", "fast", "step_cache", "preview"}
     assert set(params) - {"self"} == expected
     for name in expected:
         field = params[name].default

@@ -1,0 +1,201 @@
+"""The fast option (infinitetalk/fast.py) without its GPU kernels: what is refused where, which layers go to
+FP8, the 8-bit attention's routing through diffusers' dispatcher as one opaque op, and the weight swaps'
+order with the turbo LoRA. The kernels themselves (SageAttention 2's sm90 kernel, torchao's FP8 GEMMs) are
+measured on an H200 (BENCHMARKS.md section 12); here a stand-in computes exact attention in their place."""
+
+from __future__ import annotations
+
+import sys
+import types
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import make_tiny_weights as mtw
+from infinitetalk import fast
+from infinitetalk.errors import InputError
+from infinitetalk.lora import TurboLoRA
+from infinitetalk.request import GenerationRequest, build_request
+from infinitetalk.weights import load_transformer, read_transformer_tensors
+
+
+@pytest.fixture(scope="module")
+def model_paths(tiny_weights):
+    single = tiny_weights / "InfiniteTalk" / "single" / "infinitetalk.safetensors"
+    return tiny_weights / "Wan2.1-I2V-14B-480P-Diffusers" / "transformer", single
+
+
+def _inputs(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    lat = torch.randn(1, cfg.in_channels, 2, 8, 8, generator=g)
+    text = torch.randn(1, 7, cfg.text_dim, generator=g)
+    clip = torch.randn(1, 257, cfg.image_dim, generator=g)
+    audio = torch.randn(1, 1, 5, cfg.audio_window, cfg.audio_feature_dim, generator=g)
+    return lat, torch.tensor([700.0]), text, clip, audio
+
+
+def _run(model, inputs):
+    with torch.no_grad():
+        return model(*inputs, return_dict=False)[0]
+
+
+@pytest.fixture()
+def stand_in_kernel(monkeypatch):
+    """A ``sageattention`` module whose sm90 entry computes exact attention (NHD layout), and a device check
+    that accepts the CPU; counts its calls."""
+    calls = []
+
+    def sageattn_qk_int8_pv_fp8_cuda_sm90(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None,
+                                          pv_accum_dtype="fp32+fp32"):
+        assert tensor_layout == "NHD" and not is_causal and pv_accum_dtype == "fp32+fp32"
+        calls.append(q.shape)
+        # like the real entry's pybind helpers, something the compiler cannot trace: only the op around it
+        # keeps the block one graph
+        torch._dynamo.graph_break()
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=sm_scale)
+        return out.transpose(1, 2)
+
+    module = types.ModuleType("sageattention")
+    module.sageattn_qk_int8_pv_fp8_cuda_sm90 = sageattn_qk_int8_pv_fp8_cuda_sm90
+    monkeypatch.setitem(sys.modules, "sageattention", module)
+    monkeypatch.setattr(fast, "attention_unavailable", lambda device: None)
+    return calls
+
+
+def test_fast_is_refused_on_this_machine_with_the_reason(monkeypatch):
+    reason = fast.unavailable("cpu", compiled=True, memory_mode="none", parallel=False)
+    assert "Hopper" in reason
+    monkeypatch.setattr(fast, "attention_unavailable", lambda device: None)
+    assert "one GPU" in fast.unavailable("cpu", compiled=True, memory_mode="none", parallel=True)
+    assert "memory mode is fp8" in fast.unavailable("cpu", compiled=True, memory_mode="fp8", parallel=False)
+    assert "compiled model" in fast.unavailable("cpu", compiled=False, memory_mode="none", parallel=False)
+
+
+def test_fast_is_a_request_input(portrait):
+    req = build_request({"image": str(portrait), "audio": "speech.wav", "fast": True, "turbo": True})
+    assert req.fast and req.turbo
+    with pytest.raises(InputError, match="fast"):
+        build_request({"image": str(portrait), "audio": "speech.wav", "fast": "sometimes"})
+
+
+def test_a_fast_request_is_refused_before_any_work(tiny_weights, portrait, make_speech, tmp_path):
+    from infinitetalk.pipeline import InfiniteTalkPipeline
+
+    pipe = InfiniteTalkPipeline.from_pretrained(tiny_weights, device="cpu", text_to_speech=False)
+    assert pipe.fast is None and "Hopper" in pipe.fast_unavailable
+    req = GenerationRequest(image=portrait, audio=make_speech(1.0), fast=True, width=64, height=64, steps=1)
+    with pytest.raises(InputError, match="fast is not available on this server: .*Hopper"):
+        pipe.generate(req, tmp_path / "out.mp4")
+    assert not (tmp_path / "out.mp4").exists()
+
+
+def test_fp8_layers_are_the_blocks_linears_but_audio_and_lora(model_paths, tmp_path):
+    model = load_transformer(*model_paths, dtype=torch.float32)
+    TurboLoRA.load(model, mtw.write_turbo_lora(tmp_path, seed=1))
+    names = [n for n, m in model.named_modules() if fast.fp8_layer(m, n)]
+    assert names and all(n.startswith("blocks.") for n in names)
+    assert not [n for n in names if ".audio_attn." in n or ".lora_" in n]
+    assert any(n.endswith("attn1.to_q.base_layer") for n in names)  # the adapted layers' own weights
+    assert any(".ffn." in n for n in names)
+    per_block = {n.split(".", 2)[2] for n in names}
+    assert len(names) == len(per_block) * len(model.blocks)
+
+
+def test_8bit_self_attention_goes_through_the_dispatcher_as_one_op(model_paths, stand_in_kernel):
+    model = load_transformer(*model_paths, dtype=torch.float32)
+    inputs = _inputs(model)
+    reference = _run(model, inputs)
+    assert fast.set_self_attention_8bit(model, True) == len(model.blocks)
+    assert all(str(b.attn1.processor._attention_backend.value) == fast.ATTENTION_BACKEND for b in model.blocks)
+    assert all(b.attn2.processor._attention_backend is None for b in model.blocks)  # cross-attention stays
+    switched = _run(model, inputs)
+    assert len(stand_in_kernel) == len(model.blocks)  # only the self-attention, once per block
+    torch.testing.assert_close(switched, reference, rtol=1e-4, atol=1e-5)
+    # one graph per block: the kernel's call is opaque to the compiler (no graph break at the attention)
+    explained = torch._dynamo.explain(model.blocks[0].forward)
+    block_args = _block_inputs(model, inputs)
+    report = explained(*block_args)
+    assert report.graph_break_count == 0, report.break_reasons
+    fast.set_self_attention_8bit(model, False)
+    assert all(b.attn1.processor._attention_backend is None for b in model.blocks)
+    stand_in_kernel.clear()
+    torch.testing.assert_close(_run(model, inputs), reference, rtol=0, atol=0)
+    assert not stand_in_kernel
+
+
+def _block_inputs(model, inputs):
+    """The first block's positional inputs, captured from a forward."""
+    captured = {}
+
+    def hook(_module, args, kwargs):
+        captured["args"], captured["kwargs"] = args, kwargs
+        raise _Stop
+
+    handle = model.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        _run(model, inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    assert not captured["kwargs"], "the block is called positionally"
+    return captured["args"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_fast_swaps_weights_per_request_and_requantises_after_the_lora_switches(model_paths, tmp_path,
+                                                                               stand_in_kernel, monkeypatch):
+    """FP8 copies are swapped in by pointer; the LoRA only ever merges into the bf16 weights; a LoRA switch
+    while fast makes the copies again from the new weights."""
+    model = load_transformer(*model_paths, dtype=torch.float32)
+    turbo = TurboLoRA.load(model, mtw.write_turbo_lora(tmp_path, seed=1),
+                           merge_from=partial(read_transformer_tensors, *model_paths))
+    preset = fast.FastPreset(model)
+    made = []
+
+    def quantize(self):  # the stand-in "FP8" copy: a negated clone, so a wrong swap shows in the values
+        made.append(turbo.merged)
+        for name, module in self._layers:
+            self._bf16[name] = module.weight
+            self._fp8[name] = torch.nn.Parameter(-module.weight.detach().clone(), requires_grad=False)
+
+    monkeypatch.setattr(fast.FastPreset, "_quantize", quantize)
+    name, layer = preset._layers[0]
+    bf16 = layer.weight
+
+    class Pipe:  # the pipeline's own switching order (InfiniteTalkPipeline._select_mode)
+        from infinitetalk.pipeline import InfiniteTalkPipeline
+        _select_mode = InfiniteTalkPipeline._select_mode
+        turbo_loaded, turbo_only = True, False
+
+    pipe = Pipe()
+    pipe.turbo, pipe.fast, pipe.fast_unavailable = turbo, preset, None
+    writes = []
+    original = turbo.set_enabled
+
+    def set_enabled(enabled):
+        # the LoRA changes the weights only while they are the bf16 ones
+        writes.append(enabled == turbo.enabled or layer.weight is bf16)
+        original(enabled)
+
+    monkeypatch.setattr(turbo, "set_enabled", set_enabled)
+    pipe._select_mode(GenerationRequest(image="x", audio="y", fast=True))
+    assert preset.active and layer.weight is preset._fp8[name] and made == [False]
+    assert all(b.attn1.processor._attention_backend is not None for b in model.blocks)
+    pipe._select_mode(GenerationRequest(image="x", audio="y", fast=True))
+    assert made == [False]  # same weights: the copies are reused
+    pipe._select_mode(GenerationRequest(image="x", audio="y", fast=True, turbo=True))
+    assert turbo.merged and made == [False, True] and layer.weight is preset._fp8[name]
+    torch.testing.assert_close(preset._fp8[name], -bf16)  # made from the merged bf16 weights
+    pipe._select_mode(GenerationRequest(image="x", audio="y", turbo=True))
+    assert not preset.active and layer.weight is bf16
+    assert all(b.attn1.processor._attention_backend is None for b in model.blocks)
+    pipe._select_mode(GenerationRequest(image="x", audio="y"))
+    assert layer.weight is bf16 and not turbo.merged
+    assert all(writes)
