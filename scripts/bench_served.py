@@ -206,6 +206,10 @@ PREDICTIONS = {
     "exact": ("exact", 2.0, 1, {}),
     "turbo-720p": ("turbo", 6.0, 1, {"turbo": True, "resolution": "720p"}),
     "turbo-832x480": ("turbo", 6.0, 1, {"turbo": True, "width": 832, "height": 480}),  # Wan's own 480p size
+    # issue 15: the fast option (FP8 GEMMs + 8-bit self-attention) on the default server, after its bf16 twin
+    "fast-turbo": ("fast-turbo", 6.0, 1, {"turbo": True, "fast": True}),
+    "fast-turbo-1nfe": ("fast-turbo-1nfe", 6.0, 1, {"turbo": True, "audio_guidance": 1.0, "fast": True}),
+    "fast-turbo-720p": ("fast-turbo", 6.0, 1, {"turbo": True, "resolution": "720p", "fast": True}),
     "fp8-turbo": ("fp8-turbo", 6.0, 1, {"turbo": True}),
     "smoke-turbo": ("turbo", 6.0, 1, {"turbo": True, "width": 64, "height": 64, "steps": 1}),
     "smoke-turbo-preview": ("turbo", 6.0, 1, {"turbo": True, "width": 64, "height": 64, "steps": 1, "preview": True}),
@@ -224,6 +228,9 @@ PREDICTIONS = {
     "turbo-text-2spk": ("turbo", 0.0, 2, {"turbo": True, "text": DIALOGUE}),
     "smoke-text-2spk": ("turbo", 0.0, 2, {"turbo": True, "text": DIALOGUE, "width": 64, "height": 64, "steps": 1}),
 }
+
+#: Predictions whose video is kept for a fast twin's frame comparison (``fast-<name>``).
+_BASELINES = {"turbo", "turbo-1nfe", "turbo-720p"}
 
 PLANS = {
     # call 1: cold start, turbo as served (profiled), the sequence, two speakers, one forward per step
@@ -252,6 +259,8 @@ PLANS = {
     # one forward per step, the switches to exact and back
     "served": [("switchable", ["turbo", "turbo-832x480", "turbo-preview", "turbo-1nfe", "seq-exact-640",
                                "seq-turbo-640"])],
+    # issue 15: fast as served, each after its bf16 twin (the decoded frames compared), then 720p
+    "fast": [("switchable", ["turbo-1nfe", "fast-turbo-1nfe", "turbo", "fast-turbo", "fast-turbo-720p"])],
     # CPU dry run of the whole flow with tiny weights at 64x64 (BENCH_SMOKE=1; tests/test_bench_served.py)
     "smoke": [("switchable", ["smoke-turbo", "smoke-exact-2spk", "smoke-turbo-preview", "smoke-text-2spk"])],
     # issue 14: time to the first preview and the cost of previews, turbo 480p as served
@@ -375,6 +384,34 @@ def _idle_per_chunk(trace_path: Path, marks: list[str]) -> list[float]:
             cursor = e
         shares.append(round(1 - busy / (end - start), 4))
     return shares
+
+
+def _fast_fields(name: str, fast: bool, video: Path, pipe, keep: Path) -> dict:
+    """Issue 15: a fast prediction's switch time and its decoded frames against its bf16 twin's (same seed,
+    same server, run just before: ``fast-<twin>``); a twin's video is kept here for that, since the
+    predictor removes each output at the next prediction."""
+    if name in _BASELINES:
+        shutil.copyfile(video, keep / f"{name}.mp4")
+    if not fast:
+        return {}
+    twin = keep / f"{name.removeprefix('fast-')}.mp4"
+    return {"fast_switch_seconds": round(pipe.fast.last_switch_seconds, 2) if pipe.fast is not None else None,
+            "frames_rel_l2_vs_bf16": _frames_rel_l2(video, twin) if twin.is_file() else None}
+
+
+def _frames_rel_l2(path: Path, reference: Path) -> float:
+    """Relative L2 distance of two videos' decoded RGB frames (both through the served H.264 encode)."""
+    import numpy as np
+
+    def frames(p: Path):
+        raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(p), "-f", "rawvideo", "-pix_fmt", "rgb24", "-"],
+                             capture_output=True, check=True).stdout
+        return np.frombuffer(raw, dtype=np.uint8).astype(np.float64)
+
+    a, b = frames(path), frames(reference)
+    if a.shape != b.shape:
+        raise RuntimeError(f"{path.name} and {reference.name} differ in size: {a.shape} vs {b.shape}")
+    return round(float(np.linalg.norm(a - b) / np.linalg.norm(b)), 5)
 
 
 def _ffprobe(path: Path) -> dict:
@@ -543,6 +580,7 @@ def child(argv) -> int:
         }
         if name.startswith("seq-"):
             rec["sequence"] = True
+        rec.update(_fast_fields(name, overrides.get("fast"), Path(path), pipe, args.inputs))
         if name.startswith("seq-exact"):
             rec["measured"] = "compile sequence: exact mode at 2 of its 40 steps (same graphs); not the mode's time"
         elif not steady:

@@ -72,3 +72,33 @@ def test_served_benchmark_dry_run_on_the_cpu(tmp_path):
     # issue 16's record: a dialogue from text, two speakers, with the synthesis time inside the prediction
     assert text["input"] == "text" and text["speakers"] == 2 and text["output"]["audio_codec"] == "aac"
     assert 0 < text["speech_seconds"] < text["prediction_seconds"] and turbo["speech_seconds"] is None
+
+
+def test_fast_predictions_are_compared_with_their_bf16_twin(tmp_path):
+    """The fast plan's frame comparison: the twin's video is kept, the fast one's decoded frames are measured
+    against it (0 for the same frames, the true relative L2 otherwise)."""
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_served as bs
+    from infinitetalk.media import VideoWriter
+
+    def video(name: str, value: int) -> Path:
+        path = tmp_path / name
+        with VideoWriter(path, 64, 64, fps=25, crf=0) as writer:
+            writer.write(np.full((5, 64, 64, 3), value, dtype=np.uint8))
+        return path
+
+    class Pipe:
+        class fast:  # noqa: N801 - stands for FastPreset
+            last_switch_seconds = 1.234
+
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    assert bs._fast_fields("turbo", False, video("a.mp4", 100), Pipe, keep) == {}
+    assert (keep / "turbo.mp4").is_file()
+    same = bs._fast_fields("fast-turbo", True, video("b.mp4", 100), Pipe, keep)
+    assert same == {"fast_switch_seconds": 1.23, "frames_rel_l2_vs_bf16": 0.0}
+    other = bs._fast_fields("fast-turbo", True, video("c.mp4", 110), Pipe, keep)
+    assert other["frames_rel_l2_vs_bf16"] == pytest.approx(0.1, abs=0.02)  # 10 of 100, through yuv420 and back
+    assert bs._fast_fields("fast-turbo-720p", True, video("d.mp4", 100), Pipe, keep)["frames_rel_l2_vs_bf16"] is None
