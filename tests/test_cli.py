@@ -292,3 +292,12 @@ def test_cli_bad_input_fails_before_any_weight_is_read(tiny_weights, good_files,
     assert seconds < 2.0, f"took {seconds:.2f} s"
     assert not called and not SEEN, (called, SEEN)
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_cli_fast_asks_for_the_fast_request_and_compiles(fake_pipeline, tmp_path):
+    assert cli.main(["--image", "p.png", "--audio", "a.wav", "--out", str(tmp_path / "o.mp4"), "--fast",
+                     "--turbo"]) == 0
+    assert fake_pipeline["request"].fast and fake_pipeline["request"].turbo
+    assert fake_pipeline["load_kwargs"]["compile"] is True  # FP8 GEMMs are only faster compiled
+    assert cli.main(["--image", "p.png", "--audio", "a.wav", "--out", str(tmp_path / "o.mp4")]) == 0
+    assert not fake_pipeline["request"].fast and fake_pipeline["load_kwargs"]["compile"] is not True
