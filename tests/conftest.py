@@ -47,6 +47,13 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def model_paths(tiny_weights) -> tuple[Path, Path]:
+    """The tiny transformer's files as ``load_transformer`` takes them: the Wan base folder, the single checkpoint."""
+    single = tiny_weights / "InfiniteTalk" / "single" / "infinitetalk.safetensors"
+    return tiny_weights / "Wan2.1-I2V-14B-480P-Diffusers" / "transformer", single
+
+
+@pytest.fixture(scope="session")
 def tiny_weights_tts(tiny_weights, tmp_path_factory) -> Path:
     """``tiny_weights`` plus the tiny text-to-speech folders (Kokoro-82M/, en_core_web_sm/): the other
     folders are links to tiny_weights' (read only by the tests that use this)."""

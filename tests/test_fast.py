@@ -19,27 +19,8 @@ from infinitetalk.errors import InputError
 from infinitetalk.lora import TurboLoRA
 from infinitetalk.request import GenerationRequest, build_request
 from infinitetalk.weights import load_transformer, read_transformer_tensors
-
-
-@pytest.fixture(scope="module")
-def model_paths(tiny_weights):
-    single = tiny_weights / "InfiniteTalk" / "single" / "infinitetalk.safetensors"
-    return tiny_weights / "Wan2.1-I2V-14B-480P-Diffusers" / "transformer", single
-
-
-def _inputs(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    lat = torch.randn(1, cfg.in_channels, 2, 8, 8, generator=g)
-    text = torch.randn(1, 7, cfg.text_dim, generator=g)
-    clip = torch.randn(1, 257, cfg.image_dim, generator=g)
-    audio = torch.randn(1, 1, 5, cfg.audio_window, cfg.audio_feature_dim, generator=g)
-    return lat, torch.tensor([700.0]), text, clip, audio
-
-
-def _run(model, inputs):
-    with torch.no_grad():
-        return model(*inputs, return_dict=False)[0]
+from tiny_forward import forward_inputs as _inputs  # tests/ is on sys.path for test modules
+from tiny_forward import run_forward as _run
 
 
 @pytest.fixture()

@@ -15,6 +15,8 @@ import make_tiny_weights as mtw
 from infinitetalk.errors import InputError
 from infinitetalk.lora import ADAPTER_NAME, TurboLoRA
 from infinitetalk.weights import convert_official_state_dict_partial, load_transformer, read_transformer_tensors
+from tiny_forward import forward_inputs as _inputs  # tests/ is on sys.path for test modules
+from tiny_forward import run_forward as _run
 
 #: Our linear layer -> its official name, for the LoRA files the tests write.
 _BLOCK_LINEARS = {
@@ -70,12 +72,6 @@ class OldHookPath:
         return hook
 
 
-@pytest.fixture(scope="module")
-def model_paths(tiny_weights):
-    single = tiny_weights / "InfiniteTalk" / "single" / "infinitetalk.safetensors"
-    return tiny_weights / "Wan2.1-I2V-14B-480P-Diffusers" / "transformer", single
-
-
 @pytest.fixture()
 def load(model_paths):
     def make():
@@ -88,21 +84,6 @@ def load(model_paths):
 def real_lora(tmp_path) -> Path:
     """The tiny turbo LoRA of make_tiny_weights: every key kind of the real file."""
     return mtw.write_turbo_lora(tmp_path, seed=1)
-
-
-def _inputs(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    lat = torch.randn(1, cfg.in_channels, 2, 8, 8, generator=g)
-    text = torch.randn(1, 7, cfg.text_dim, generator=g)
-    clip = torch.randn(1, 257, cfg.image_dim, generator=g)
-    audio = torch.randn(1, 1, 5, cfg.audio_window, cfg.audio_feature_dim, generator=g)
-    return lat, torch.tensor([700.0]), text, clip, audio
-
-
-def _run(model, inputs):
-    with torch.no_grad():
-        return model(*inputs, return_dict=False)[0]
 
 
 def _rel(a, b) -> float:
