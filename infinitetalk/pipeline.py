@@ -53,7 +53,6 @@ from .conditioning import (
 )
 from .distributed import check_token_split, enable_sequence_parallel, stop_together
 from .errors import GenerationCancelled, InputError
-from .fast import FastPreset
 from .lora import TurboLoRA
 from .preview import HLSOutput, HLSWriter
 from .request import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, GenerationRequest, choose_seed
@@ -168,7 +167,7 @@ class InfiniteTalkPipeline:
         self._prompt_cache: dict[str, tuple[torch.Tensor, bool]] = {}
         self.turbo = turbo  # the distilled LoRA (switchable adapter, or fused into the weights)
         self.speech = speech  # text to speech (speech.py); None: text requests are refused
-        self.fast: FastPreset | None = None  # the fast option (fast.py); None: fast requests are refused, because:
+        self.fast: fast_lib.FastPreset | None = None  # the fast option; None: fast requests are refused, because:
         self.fast_unavailable: str | None = "it needs the compiled model on an NVIDIA Hopper GPU"
         self.parallel = None  # a ParallelContext once the sequence is split over several GPUs
         self.tmp_dir: str | None = None  # where generate() makes its temporary folder (None: the system's)
@@ -290,7 +289,8 @@ class InfiniteTalkPipeline:
         pipe = cls(transformer, vae, text_encoder, tokenizer, image_encoder, audio_encoder, device=device,
                    dtype=dtype, clip_size=size, clip_mean=mean, clip_std=std, multi_weights=paths.multi, turbo=turbo)
         pipe.compiled = bool(compiled)
-        pipe.fast, pipe.fast_unavailable = (FastPreset(transformer), None) if no_fast is None else (None, no_fast)
+        pipe.fast = fast_lib.FastPreset(transformer) if no_fast is None else None
+        pipe.fast_unavailable = no_fast
         return pipe
 
     # ------------------------------------------------------------------ speaker checkpoints
