@@ -71,7 +71,7 @@ def build_pipeline(settings: Settings, *, device: str | torch.device | None = No
     if ranks > 1:
         on_cpu = device is not None and torch.device(device).type == "cpu"
         return MultiGPUPipeline(PipelineLoader(str(settings.weights), options), ranks,
-                                device_type="cpu" if on_cpu else None)
+                                device_type="cpu" if on_cpu else None, hang_timeout=settings.hang_timeout_s)
     return InfiniteTalkPipeline.from_pretrained(settings.weights, device=device, **options)
 
 

@@ -33,18 +33,13 @@ from typing import Callable
 
 import torch
 
+from . import settings as settings_lib
 from .distributed import abort, check_num_gpus, init_distributed, shutdown
 from .pipeline import GenerationError, InfiniteTalkPipeline
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a worker may go without finishing a denoising step during a job before it is taken as
-#: hung. The longest honest gap is the first step of a job: preparing the inputs (seconds), the
-#: regional compile of the blocks for a new size or mode (a minute or more; "minutes" for fp8,
-#: BENCHMARKS.md) and one step, which at 720p is up to 3 forwards of about 12 s each on one H200
-#: (less when split; several times more with block offloading on smaller GPUs). Ten minutes leaves
-#: a margin and still ends a hung job three times sooner than the 30-minute collective timeout.
-HANG_TIMEOUT_S = 600.0
+HANG_TIMEOUT_S = settings_lib.HANG_TIMEOUT_S  # the default (its reasons: infinitetalk.settings)
 
 
 @dataclass

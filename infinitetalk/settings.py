@@ -52,6 +52,7 @@ ENV_INPUT_TIMEOUT_S = "INFINITETALK_INPUT_TIMEOUT_S"
 ENV_INLINE_MAX_MB = "INFINITETALK_INLINE_MAX_MB"
 ENV_PROGRESS_INTERVAL_S = "INFINITETALK_PROGRESS_INTERVAL_S"
 ENV_WARMUP = "INFINITETALK_WARMUP"
+ENV_HANG_TIMEOUT_S = "INFINITETALK_HANG_TIMEOUT_S"
 ENV_MODAL_APP = "INFINITETALK_MODAL_APP"
 ENV_MODAL_GPU = "INFINITETALK_MODAL_GPU"
 ENV_MODAL_VOLUME = "INFINITETALK_MODAL_VOLUME"
@@ -61,7 +62,7 @@ MODAL_VARIABLES = (ENV_MODAL_APP, ENV_MODAL_GPU, ENV_MODAL_VOLUME, ENV_MODAL_TIM
 
 #: Every ``INFINITETALK_*`` variable the code reads; any other one is refused as a likely typo.
 KNOWN_VARIABLES = (
-    ENV_WEIGHTS, ENV_MEMORY_MODE, ENV_COMPILE, ENV_FUSE_TURBO, ENV_NUM_GPUS, ENV_WARMUP,
+    ENV_WEIGHTS, ENV_MEMORY_MODE, ENV_COMPILE, ENV_FUSE_TURBO, ENV_NUM_GPUS, ENV_WARMUP, ENV_HANG_TIMEOUT_S,
     ENV_INPUT_MAX_MB, ENV_INPUT_TIMEOUT_S, ENV_INLINE_MAX_MB, ENV_PROGRESS_INTERVAL_S,
     *storage.ENV_VARS, download.ENV_WAN_REVISION, download.ENV_TURBO_REVISION,
     download.ENV_KOKORO_REVISION, download.ENV_SPACY_REVISION, *MODAL_VARIABLES,
@@ -83,6 +84,16 @@ _MODAL_APP_ID = re.compile(r"ap-[A-Za-z0-9]{22}")
 
 #: The name the RunPod worker's settings errors had; the same class.
 WorkerConfigError = SettingsError
+
+
+#: Seconds a worker may go without finishing a denoising step during a job before it is taken as
+#: hung (several GPUs: :mod:`infinitetalk.parallel`). The longest honest gap is the first step of a job:
+#: preparing the inputs (seconds), the regional compile of the blocks for a new size or mode (a minute or
+#: more; "minutes" for fp8, BENCHMARKS.md) and one step, which at 720p is up to 3 forwards of about 12 s
+#: each on one H200 (less when split; several times more with block offloading on smaller GPUs). Ten
+#: minutes leaves a margin and still ends a hung job three times sooner than the 30-minute collective
+#: timeout; ``INFINITETALK_HANG_TIMEOUT_S`` sets another.
+HANG_TIMEOUT_S = 600.0
 
 
 def check_num_gpus(num_gpus: int, available: int | None = None) -> None:
@@ -236,6 +247,7 @@ class Settings:
     storage: StorageConfig | None = None
     check_bucket: bool = True
     warmup: tuple[tuple[int, int], ...] | None = None  # None: auto (see warmup_sizes)
+    hang_timeout_s: float = HANG_TIMEOUT_S  # several GPUs: a worker silent this long fails the job
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     modal: ModalSettings = field(default_factory=ModalSettings)
 
@@ -266,11 +278,13 @@ class Settings:
         compile_on_cuda = env_flag(env, ENV_COMPILE, True)
         fuse_turbo = env_flag(env, ENV_FUSE_TURBO, False)
         num_gpus = env_choice(env, ENV_NUM_GPUS, "auto", ("auto", *map(str, SUPPORTED_NUM_GPUS)))
+        hang_timeout_s = float(env_number(env, ENV_HANG_TIMEOUT_S, HANG_TIMEOUT_S, 10, 86_400, unit="seconds"))
         config = StorageConfig.from_env(env)
         storage.check_required(config, storage.bucket_required(env))
         return cls(weights=weights, memory_mode=memory_mode, compile=None if compile_on_cuda else False,
                    fuse_turbo=fuse_turbo, num_gpus=None if num_gpus == "auto" else int(num_gpus),
                    storage=config, check_bucket=storage.bucket_check(env), warmup=parse_warmup(env.get(ENV_WARMUP)),
+                   hang_timeout_s=hang_timeout_s,
                    worker=WorkerSettings.from_env(env), modal=ModalSettings.from_env(env))
 
     def warmup_sizes(self, compiled: bool) -> tuple:
@@ -283,6 +297,8 @@ class Settings:
 
 __all__ = [
     "ENV_COMPILE",
+    "ENV_HANG_TIMEOUT_S",
+    "HANG_TIMEOUT_S",
     "ENV_FUSE_TURBO",
     "ENV_INLINE_MAX_MB",
     "ENV_INPUT_MAX_MB",

@@ -34,6 +34,7 @@ TYPOS = [
     ({"INFINITETALK_INPUT_TIMEOUT_S": "-1"}, "INFINITETALK_INPUT_TIMEOUT_S must be between 1 and 86400"),
     ({"INFINITETALK_INLINE_MAX_MB": "ten"}, "INFINITETALK_INLINE_MAX_MB must be a number, got 'ten'"),
     ({"INFINITETALK_PROGRESS_INTERVAL_S": "5s"}, "INFINITETALK_PROGRESS_INTERVAL_S must be a number"),
+    ({"INFINITETALK_HANG_TIMEOUT_S": "5"}, "INFINITETALK_HANG_TIMEOUT_S must be between 10 and 86400 seconds, got 5"),
     ({**BUCKET, "INFINITETALK_OUTPUT_URL_EXPIRY": "1d"}, "INFINITETALK_OUTPUT_URL_EXPIRY must be a whole number"),
     ({**BUCKET, "INFINITETALK_S3_MULTIPART_MB": "1"}, "INFINITETALK_S3_MULTIPART_MB must be between 5 and"),
     ({**BUCKET, "INFINITETALK_S3_ADDRESSING_STYLE": "dns"}, "INFINITETALK_S3_ADDRESSING_STYLE must be one of"),
@@ -136,8 +137,10 @@ def test_defaults_and_valid_values():
         "INFINITETALK_PROGRESS_INTERVAL_S": "0.5", "INFINITETALK_S3_CHECK": "0", **BUCKET,
         "INFINITETALK_WAN_REVISION": "abc123", "INFINITETALK_TURBO_REVISION": "main",
         "INFINITETALK_KOKORO_REVISION": "def456", "INFINITETALK_SPACY_REVISION": "main",
+        "INFINITETALK_HANG_TIMEOUT_S": "1800",
     })
     assert (s.weights, s.memory_mode, s.compile, s.fuse_turbo, s.num_gpus) == (Path("/data/w"), "fp8", False, True, 4)
+    assert s.hang_timeout_s == 1800.0 and Settings().hang_timeout_s == 600.0
     assert (s.worker.inline_max_bytes, s.worker.progress_interval_s) == (0, 0.5)
     assert s.storage.bucket == "bkt" and not s.check_bucket
     assert Settings.from_env({"INFINITETALK_COMPILE": "1"}).compile is None  # on CUDA only
@@ -176,6 +179,19 @@ def test_build_resolves_the_auto_choices_for_the_device(monkeypatch):
         assert build.load_options(server, cuda)["memory_mode"] == mode
         assert build.load_options(server, cuda)["compile"] is True
     assert build.load_options(Settings(compile=False, memory_mode="fp8"), cuda)["compile"] is False
+
+
+def test_build_gives_the_multi_gpu_pipeline_its_hang_timeout(monkeypatch):
+    made = {}
+
+    class Fake:
+        def __init__(self, loader, ranks, device_type=None, hang_timeout=None):
+            made.update(ranks=ranks, hang_timeout=hang_timeout)
+
+    monkeypatch.setattr(build, "MultiGPUPipeline", Fake)
+    monkeypatch.setattr(build, "num_ranks", lambda settings, device=None: 2)
+    build.build_pipeline(Settings(num_gpus=2, hang_timeout_s=42.0), device="cpu")
+    assert made == {"ranks": 2, "hang_timeout": 42.0}
 
 
 def test_setup_line_names_the_real_placement():
