@@ -175,11 +175,13 @@ def compile_stats() -> dict:
     return _LOG.stats()
 
 
-def warm_up(pipe, sizes, log=logger.info) -> float:
+def warm_up(pipe, sizes, log=logger.info, fast: bool = False) -> float:
     """Compile (and run once) every graph the server needs at ``sizes`` before the first request.
 
-    ``sizes``: ``(width, height)`` pairs, or ``None`` for the 480p bucket of a square image. For each
-    size and each mode the server serves (exact and/or turbo), one real generation of a synthetic
+    ``sizes``: ``(width, height)`` pairs, or ``None`` for the 480p bucket of a square image. ``fast``:
+    the fast option's graphs and FP8 weights too (``INFINITETALK_WARMUP_FAST``), where the pipeline
+    can serve it (else logged and skipped). For each size and each mode the server serves (exact
+    and/or turbo; each also fast when asked), one real generation of a synthetic
     request (a grey square, one second of quiet noise, 1 step, guidance 1: one forward) goes through
     :meth:`generate`, so everything on the way is warm too: the ranks of a multi-GPU pipeline, the
     VAE, the encoders, the default prompt's text states (cached), ffmpeg. Returns the seconds taken.
@@ -194,26 +196,33 @@ def warm_up(pipe, sizes, log=logger.info) -> float:
     from .request import GenerationRequest
 
     t0 = time.perf_counter()
-    modes = [] if getattr(pipe, "turbo_only", False) else [False]
+    turbo_modes = [] if getattr(pipe, "turbo_only", False) else [False]
     if getattr(pipe, "turbo_loaded", False):
-        modes.append(True)
+        turbo_modes.append(True)
+    fast_modes = [False]
+    if fast and getattr(pipe, "fast", None) is not None:
+        fast_modes.append(True)
+    elif fast:
+        log(f"warm-up: fast skipped: {getattr(pipe, 'fast_unavailable', None) or 'not available here'}")
+    modes = [(turbo, quick) for turbo in turbo_modes for quick in fast_modes]
     with tempfile.TemporaryDirectory(prefix="infinitetalk-warmup-") as tmp:
         image, audio = Path(tmp) / "warmup.png", Path(tmp) / "warmup.wav"
         Image.new("RGB", (512, 512), (128, 128, 128)).save(image)
         noise = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.01
         soundfile.write(str(audio), noise, 16000)
         for size in sizes:
-            for turbo in modes:
+            for turbo, quick in modes:
                 width, height = size if size is not None else (None, None)
                 request = GenerationRequest(image=image, audio=audio, width=width, height=height, steps=1,
-                                            text_guidance=1.0, audio_guidance=1.0, turbo=turbo, seed=0)
+                                            text_guidance=1.0, audio_guidance=1.0, turbo=turbo, seed=0, fast=quick)
                 t = time.perf_counter()
                 try:
                     result = pipe.generate(request, Path(tmp) / "warmup.mp4", show_progress=False)
                 except torch._dynamo.exc.BackendCompilerFailed as exc:
                     _serve_uncompiled(pipe, exc)
                     result = pipe.generate(request, Path(tmp) / "warmup.mp4", show_progress=False)
-                log(f"warm-up: {result.width}x{result.height} {'turbo' if turbo else 'exact'} in "
+                mode = ("turbo" if turbo else "exact") + (" fast" if quick else "")
+                log(f"warm-up: {result.width}x{result.height} {mode} in "
                     f"{time.perf_counter() - t:.1f}s (" + ", ".join(
                         f"{k} {v:.1f}s" for k, v in result.timings.items() if isinstance(v, (int, float))) + ")")
     return time.perf_counter() - t0

@@ -238,7 +238,7 @@ def load_pipeline(settings: Settings | None = None, log: Callable[[str], None] =
         t1 = time.perf_counter()
         had_cache = compiled and load_compile_cache(cache)
         timings["compile_cache_load"] = time.perf_counter() - t1
-        timings["warmup"] = seconds = warm_up(pipe, sizes, log=log)
+        timings["warmup"] = seconds = warm_up(pipe, sizes, log=log, fast=settings.warmup_fast)
         log(f"setup: warm-up done in {seconds:.1f}s ({compile_stats()['compiles']} graph(s) compiled, "
             f"compile cache {'loaded' if had_cache else 'cold'})")
         if pipe.compiled and not had_cache:  # still compiled: the warm-up may have fallen back to eager

@@ -53,6 +53,7 @@ ENV_INLINE_MAX_MB = "INFINITETALK_INLINE_MAX_MB"
 ENV_PROGRESS_INTERVAL_S = "INFINITETALK_PROGRESS_INTERVAL_S"
 ENV_WARMUP = "INFINITETALK_WARMUP"
 ENV_HANG_TIMEOUT_S = "INFINITETALK_HANG_TIMEOUT_S"
+ENV_WARMUP_FAST = "INFINITETALK_WARMUP_FAST"
 ENV_MODAL_APP = "INFINITETALK_MODAL_APP"
 ENV_MODAL_GPU = "INFINITETALK_MODAL_GPU"
 ENV_MODAL_VOLUME = "INFINITETALK_MODAL_VOLUME"
@@ -62,7 +63,8 @@ MODAL_VARIABLES = (ENV_MODAL_APP, ENV_MODAL_GPU, ENV_MODAL_VOLUME, ENV_MODAL_TIM
 
 #: Every ``INFINITETALK_*`` variable the code reads; any other one is refused as a likely typo.
 KNOWN_VARIABLES = (
-    ENV_WEIGHTS, ENV_MEMORY_MODE, ENV_COMPILE, ENV_FUSE_TURBO, ENV_NUM_GPUS, ENV_WARMUP, ENV_HANG_TIMEOUT_S,
+    ENV_WEIGHTS, ENV_MEMORY_MODE, ENV_COMPILE, ENV_FUSE_TURBO, ENV_NUM_GPUS, ENV_WARMUP, ENV_WARMUP_FAST,
+    ENV_HANG_TIMEOUT_S,
     ENV_INPUT_MAX_MB, ENV_INPUT_TIMEOUT_S, ENV_INLINE_MAX_MB, ENV_PROGRESS_INTERVAL_S,
     *storage.ENV_VARS, download.ENV_WAN_REVISION, download.ENV_TURBO_REVISION,
     download.ENV_KOKORO_REVISION, download.ENV_SPACY_REVISION, *MODAL_VARIABLES,
@@ -247,6 +249,7 @@ class Settings:
     storage: StorageConfig | None = None
     check_bucket: bool = True
     warmup: tuple[tuple[int, int], ...] | None = None  # None: auto (see warmup_sizes)
+    warmup_fast: bool = False  # the warm-up also compiles the fast option's graphs (where it runs)
     hang_timeout_s: float = HANG_TIMEOUT_S  # several GPUs: a worker silent this long fails the job
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     modal: ModalSettings = field(default_factory=ModalSettings)
@@ -284,7 +287,7 @@ class Settings:
         return cls(weights=weights, memory_mode=memory_mode, compile=None if compile_on_cuda else False,
                    fuse_turbo=fuse_turbo, num_gpus=None if num_gpus == "auto" else int(num_gpus),
                    storage=config, check_bucket=storage.bucket_check(env), warmup=parse_warmup(env.get(ENV_WARMUP)),
-                   hang_timeout_s=hang_timeout_s,
+                   warmup_fast=env_flag(env, ENV_WARMUP_FAST, False), hang_timeout_s=hang_timeout_s,
                    worker=WorkerSettings.from_env(env), modal=ModalSettings.from_env(env))
 
     def warmup_sizes(self, compiled: bool) -> tuple:
@@ -298,6 +301,7 @@ class Settings:
 __all__ = [
     "ENV_COMPILE",
     "ENV_HANG_TIMEOUT_S",
+    "ENV_WARMUP_FAST",
     "HANG_TIMEOUT_S",
     "ENV_FUSE_TURBO",
     "ENV_INLINE_MAX_MB",

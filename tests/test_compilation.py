@@ -217,3 +217,32 @@ def test_a_compiler_that_fails_in_setup_leaves_a_working_uncompiled_server(fresh
     finally:
         inductor_config.cpp.cxx = old
         torch.compiler.set_stance("default")
+
+
+def test_warm_up_runs_every_mode_and_fast_only_when_asked_and_available():
+    """Each size in each served mode, and with INFINITETALK_WARMUP_FAST each of them fast too, where the
+    pipeline can serve fast (else one log line says why it was skipped)."""
+    from types import SimpleNamespace
+
+    class Pipe:
+        turbo_only, turbo_loaded = False, True
+
+        def __init__(self, fast):
+            self.fast, self.fast_unavailable, self.asked = fast, None if fast else "no Hopper GPU here", []
+
+        def generate(self, request, path, show_progress=True):
+            self.asked.append((request.width, request.turbo, request.fast, request.steps))
+            return SimpleNamespace(width=request.width or 640, height=request.height or 640, timings={})
+
+    logs: list[str] = []
+    pipe = Pipe(fast=object())
+    compilation.warm_up(pipe, [(64, 64)], log=logs.append, fast=True)
+    assert sorted(pipe.asked) == [(64, turbo, fast, 1) for turbo in (False, True) for fast in (False, True)]
+    assert "warm-up: 64x64 turbo fast in" in "\n".join(logs)
+    for fast, ask in ((None, True), (object(), False)):
+        logs.clear()
+        pipe = Pipe(fast=fast)
+        compilation.warm_up(pipe, [(64, 64)], log=logs.append, fast=ask)
+        assert sorted(pipe.asked) == [(64, False, False, 1), (64, True, False, 1)]
+        assert any("fast skipped: no Hopper GPU here" in line for line in logs) == (fast is None)
+    assert Settings.from_env({"INFINITETALK_WARMUP_FAST": "1"}).warmup_fast and not Settings().warmup_fast
