@@ -189,6 +189,8 @@ SERVERS = {
     "fp8": {"INFINITETALK_MEMORY_MODE": "fp8"},
     # the default server without the setup warm-up: its first request compiles (chunk 1); later chunks are as served
     "switchable-nowarm": {"INFINITETALK_WARMUP": "off"},
+    # the fast option's graphs and FP8 copy made in setup (issue 15): setup's cost, and no compile in a fast request
+    "switchable-fastwarm": {"INFINITETALK_WARMUP_FAST": "1"},
 }
 
 #: The text inputs' scripts: about 6 s of speech each with Kokoro's real voices (2 chunks).
@@ -261,6 +263,7 @@ PLANS = {
                                "seq-turbo-640"])],
     # issue 15: fast as served, each after its bf16 twin (the decoded frames compared), then 720p
     "fast": [("switchable", ["turbo-1nfe", "fast-turbo-1nfe", "turbo", "fast-turbo", "fast-turbo-720p"])],
+    "fast-warm": [("switchable-fastwarm", ["fast-turbo"])],
     # CPU dry run of the whole flow with tiny weights at 64x64 (BENCH_SMOKE=1; tests/test_bench_served.py)
     "smoke": [("switchable", ["smoke-turbo", "smoke-exact-2spk", "smoke-turbo-preview", "smoke-text-2spk"])],
     # issue 14: time to the first preview and the cost of previews, turbo 480p as served
