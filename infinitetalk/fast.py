@@ -31,8 +31,8 @@ import time
 
 import torch
 
-__all__ = ["ATTENTION_BACKEND", "MIN_GPU_MEMORY_GB", "FastPreset", "fp8_layer", "set_self_attention_8bit",
-           "unavailable"]
+__all__ = ["ATTENTION_BACKEND", "MIN_GPU_MEMORY_GB", "SEVERAL_GPUS", "FastPreset", "fp8_config", "fp8_layer",
+           "set_self_attention_8bit", "unavailable"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ ATTENTION_BACKEND = "_sage_qk_int8_pv_fp8_cuda_sm90"
 #: GPU memory a fast server needs: bf16 weights 38 GB + their FP8 copy 19 GB + the encoders 15 GB +
 #: 720p activations (measured peaks: 61 GB as served at 480p, +3.4 GB for 720p forwards), with margin.
 MIN_GPU_MEMORY_GB = 90
+
+#: Why a pipeline split over several GPUs serves no fast requests.
+SEVERAL_GPUS = "it runs on one GPU (this server splits each forward over several)"
 
 _registered = False
 
@@ -51,6 +54,16 @@ def fp8_layer(module: torch.nn.Module, fqn: str) -> bool:
     (the layers they adapt, ``base_layer``, are included)."""
     return (isinstance(module, torch.nn.Linear) and fqn.startswith("blocks.") and ".audio_attn." not in fqn
             and ".lora_" not in fqn and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def fp8_config():
+    """torchao's FP8 recipe (e4m3 weights with per-row scales, dynamically quantised activations), shared by
+    the ``fp8`` memory mode and the fast option's copy; RuntimeError without torchao."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+    except ImportError as exc:  # optional GPU dependency
+        raise RuntimeError("fp8 compute needs torchao (pip install torchao)") from exc
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
 
 
 def attention_unavailable(device: torch.device | str) -> str | None:
@@ -76,7 +89,7 @@ def unavailable(device: torch.device | str, *, compiled: bool, memory_mode: str,
     if reason is not None:
         return reason
     if parallel:
-        return "it runs on one GPU (this server splits each forward over several)"
+        return SEVERAL_GPUS
     if memory_mode != "none":
         return f"it needs the weights resident in bf16 (this server's memory mode is {memory_mode})"
     if not compiled:
@@ -167,10 +180,6 @@ class FastPreset:
         self.active = False
         self.last_switch_seconds = 0.0
 
-    @property
-    def layers(self) -> int:
-        return len(self._layers)
-
     def off(self) -> None:
         """The bf16 weights and attention again (a no-op when fast is off)."""
         if not self.active:
@@ -203,9 +212,9 @@ class FastPreset:
 
     def _quantize(self) -> None:
         """FP8 copies of the current bf16 weights; the modules keep their bf16 weights."""
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization import quantize_
 
-        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        config = fp8_config()
         self._fp8.clear()  # the old copies go before the new ones are made
         for name, module in self._layers:
             self._bf16[name] = module.weight

@@ -192,7 +192,7 @@ class InfiniteTalkPipeline:
         self.parallel = context
         if self.fast is not None:
             self.fast.off()
-        self.fast, self.fast_unavailable = None, "it runs on one GPU (this server splits each forward over several)"
+        self.fast, self.fast_unavailable = None, fast_lib.SEVERAL_GPUS
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -825,10 +825,9 @@ def quantize_fp8(transformer) -> int:
     e4m3 weights with per-row scales and dynamically quantised activations, so the GEMMs run on Hopper's
     FP8 tensor cores.  Embeddings, the audio modules and the output head stay bf16.  Returns the number of
     layers converted."""
-    try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
-    except ImportError as exc:  # optional GPU dependency
-        raise RuntimeError("fp8 compute needs torchao (pip install torchao)") from exc
+    config = fast_lib.fp8_config()
+    from torchao.quantization import quantize_
+
     count = 0
 
     def blocks_linear(module, fqn: str) -> bool:
@@ -837,7 +836,7 @@ def quantize_fp8(transformer) -> int:
         count += ok
         return ok
 
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=blocks_linear)
+    quantize_(transformer, config, filter_fn=blocks_linear)
     return count
 
 
