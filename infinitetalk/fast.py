@@ -1,6 +1,6 @@
 """The ``fast`` request option: FP8 GEMMs and 8-bit self-attention on Hopper, per request.
 
-Two approximations of the bf16 forward, both measured on an H200 (BENCHMARKS.md section 12):
+Approximations of the exact path, each measured on an H200 (BENCHMARKS.md sections 12 and 13):
 
 * **8-bit self-attention.** SageAttention 2 quantises Q and K to INT8 (per thread block, with K's
   mean over the sequence subtracted first) and P and V to FP8, accumulating in FP32; on sm90 that
@@ -13,12 +13,16 @@ Two approximations of the bf16 forward, both measured on an H200 (BENCHMARKS.md 
   blocks' self-attention (``attn1``) is switched: the text/image and audio cross-attentions are short
   (at most 769 and 32 keys) and stay bf16.
 * **FP8 GEMMs.** torchao's e4m3 weights with per-row scales and dynamically quantised activations
-  for the blocks' linear layers (:func:`fp8_layer` says which), as the ``fp8`` memory mode uses.
-  Here the FP8 weights are a second copy beside the bf16 ones (:class:`FastPreset`), made on the first
-  fast request from the weights as they are then (turbo LoRA merged or not) and swapped in per
-  request, so a server serves exact, turbo and fast requests side by side: 19 GB more on the GPU.
+  for the blocks' linear layers, the audio attention's included (:func:`fp8_layer` says which), the
+  recipe the ``fp8`` memory mode uses. Here the FP8 weights are a second copy beside the bf16 ones
+  (:class:`FastPreset`), made on the first fast request from the weights as they are then (turbo
+  LoRA merged or not, the speaker checkpoint) and swapped in per request, so a server serves exact,
+  turbo and fast requests side by side: one byte per weight of those 600 layers, about 21 GB more on
+  the GPU.
+* **The VAE decode in bf16.** A bf16 copy of the VAE (0.25 GB) decodes fast requests' chunks; the
+  exact path decodes in fp32 (the pipeline's ``_decoder``).
 
-Both need the compiled model (FP8 GEMMs are slower than bf16 uncompiled), one GPU, the resident
+The first two need the compiled model (FP8 GEMMs are slower than bf16 uncompiled), one GPU, the resident
 memory mode, a Hopper GPU with room for both weight copies, torchao, and the sageattention package
 built for sm90 (cog.yaml builds it); where one is missing :func:`unavailable` says which, and a fast
 request is refused with that sentence.
@@ -38,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 #: diffusers' name of the 8-bit kernel (``AttentionBackendName._SAGE_QK_INT8_PV_FP8_CUDA_SM90``).
 ATTENTION_BACKEND = "_sage_qk_int8_pv_fp8_cuda_sm90"
-#: GPU memory a fast server needs: bf16 weights 38 GB + their FP8 copy 19 GB + the encoders 15 GB +
+#: GPU memory a fast server needs: bf16 weights 38 GB + their FP8 copy 21 GB + the encoders 15 GB +
 #: 720p activations (measured peaks: 61 GB as served at 480p, +3.4 GB for 720p forwards), with margin.
 MIN_GPU_MEMORY_GB = 90
 
@@ -48,12 +52,14 @@ SEVERAL_GPUS = "it runs on one GPU (this server splits each forward over several
 _registered = False
 
 
-def fp8_layer(module: torch.nn.Module, fqn: str) -> bool:
-    """The linear layers that compute in FP8: the blocks' own, except the audio attention (its weights are
-    swapped in place between the single and multi checkpoints) and the turbo adapter's low-rank matrices
-    (the layers they adapt, ``base_layer``, are included)."""
-    return (isinstance(module, torch.nn.Linear) and fqn.startswith("blocks.") and ".audio_attn." not in fqn
-            and ".lora_" not in fqn and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+def fp8_layer(module: torch.nn.Module, fqn: str, *, audio: bool = False) -> bool:
+    """The linear layers that compute in FP8: the blocks' own, except the turbo adapter's low-rank matrices
+    (the layers they adapt, ``base_layer``, are included) and, unless ``audio``, the audio attention. The
+    ``fp8`` memory mode leaves the audio attention in bf16, because the speaker checkpoints swap its weights
+    in place; the fast option's copies include it and are made again after such a swap."""
+    return (isinstance(module, torch.nn.Linear) and fqn.startswith("blocks.")
+            and (audio or ".audio_attn." not in fqn) and ".lora_" not in fqn
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
 def fp8_config():
@@ -167,13 +173,15 @@ class FastPreset:
 
     The FP8 weights are made from the bf16 weights as they are when :meth:`set` first turns fast on,
     and again whenever ``weights_state`` differs from the state they were made from (the turbo LoRA
-    merged or not); switching is a pointer swap per layer. Any change to the bf16 weights (the LoRA's
-    merge) must happen while fast is off: the pipeline turns it off first (:meth:`off`).
+    merged or not, the speaker checkpoint); switching is a pointer swap per layer. Any change to the
+    bf16 weights (the LoRA's merge, a speaker swap) must happen while fast is off: the pipeline turns
+    it off first (:meth:`off`).
     """
 
     def __init__(self, transformer) -> None:
         self._transformer = transformer
-        self._layers = [(name, module) for name, module in transformer.named_modules() if fp8_layer(module, name)]
+        self._layers = [(name, module) for name, module in transformer.named_modules()
+                        if fp8_layer(module, name, audio=True)]
         self._bf16: dict[str, torch.nn.Parameter] = {}
         self._fp8: dict[str, torch.nn.Parameter] = {}
         self._fp8_state: object = None

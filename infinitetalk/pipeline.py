@@ -14,6 +14,7 @@ not change.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import logging
@@ -162,6 +163,7 @@ class InfiniteTalkPipeline:
         self.dtype = dtype
         self.clip_size, self.clip_mean, self.clip_std = clip_size, clip_mean, clip_std
         self.multi_weights = multi_weights
+        self._vae_bf16 = None  # fast requests' decoder (``_decoder``)
         self._active_audio_set = "single"
         self._audio_sets: dict[str, dict[str, torch.Tensor]] = {}
         self._prompt_cache: dict[str, tuple[torch.Tensor, bool]] = {}
@@ -412,19 +414,25 @@ class InfiniteTalkPipeline:
 
     # ------------------------------------------------------------------ stage 1: the video, once
     def _select_mode(self, req: GenerationRequest) -> None:
-        """Exact or turbo, bf16 or fast: switch the distilled LoRA and the fast weights for this request."""
+        """The weights for this request: exact or turbo (the distilled LoRA), one or two speakers (the
+        InfiniteTalk checkpoint), bf16 or fast. The first two write the bf16 weights, so fast is off
+        while they change; its FP8 copies are made again from the weights so changed."""
         if req.turbo and not self.turbo_loaded:
             raise InputError("turbo mode needs the distilled LoRA, which is not installed on this server")
         if not req.turbo and self.turbo_only:
             raise InputError("this server runs turbo mode only (the LoRA is fused into the weights)")
         if req.fast and self.fast is None:
             raise InputError(f"fast is not available on this server: {self.fast_unavailable}")
+        audio_set = "single" if req.speakers == 1 else "multi"
+        lora_switch = self.turbo is not None and not self.turbo.fused and self.turbo.enabled != req.turbo
+        if self.fast is not None and (lora_switch or audio_set != self._active_audio_set):
+            self.fast.off()
         if self.turbo is not None and not self.turbo.fused:
-            if self.fast is not None and self.turbo.enabled != req.turbo:
-                self.fast.off()  # the LoRA's switch writes the bf16 weights
             self.turbo.set_enabled(req.turbo)
+        self._use_audio_set(audio_set)
         if self.fast is not None:
-            self.fast.set(req.fast, weights_state=self.turbo.merged if self.turbo is not None else None)
+            merged = self.turbo.merged if self.turbo is not None else None
+            self.fast.set(req.fast, weights_state=(merged, audio_set))
 
     def _prepare(self, req: GenerationRequest, tmp: Path) -> _Job:
         """Everything fixed for the whole video: reference and size, audio features and the chunk
@@ -504,11 +512,9 @@ class InfiniteTalkPipeline:
         return features, len(mixed) / audio_lib.SAMPLE_RATE, switch
 
     def _speakers(self, req: GenerationRequest, source_size: tuple[int, int], size: tuple[int, int]):
-        """The checkpoint for the speaker count; for two speakers their masks at latent resolution."""
+        """For two speakers their masks at latent resolution (their checkpoint: ``_select_mode``)."""
         if req.speakers == 1:
-            self._use_audio_set("single")
             return None
-        self._use_audio_set("multi")
         masks = speaker_masks(source_size[1], source_size[0], 2, req.bboxes)
         return masks_to_latent(masks, size, (size[0] // 8, size[1] // 8)).to(self.device)
 
@@ -572,11 +578,20 @@ class InfiniteTalkPipeline:
     # ------------------------------------------------------------------ stage 4: decode and write
     def _decode(self, job: _Job, x0: torch.Tensor) -> torch.Tensor:
         """Latents -> frames ``[1, 3, 81, H, W]`` in [-1, 1] on the device, colour matched to the reference."""
-        video = vae_decode(self.vae, x0[None])
+        video = vae_decode(self._decoder(job.req.fast), x0[None])
         if job.req.color_correction > 0:
             reference = job.reference[None, :, None].float().to(video.device)
             video = match_and_blend_colors(video, reference, job.req.color_correction)
         return video
+
+    def _decoder(self, fast: bool):
+        """The VAE that decodes a chunk: this pipeline's (fp32 by default), or for fast requests a bf16
+        copy of it, made on the first one (0.25 GB; its error is in the fast records, BENCHMARKS.md)."""
+        if not fast or self.vae.dtype == torch.bfloat16:
+            return self.vae
+        if self._vae_bf16 is None:
+            self._vae_bf16 = copy.deepcopy(self.vae).to(torch.bfloat16)
+        return self._vae_bf16
 
     def _emit(self, writer, job: _Job, k: int, video: torch.Tensor) -> None:
         """Hand the chunk's new frames (chunk 0 whole, later chunks without their context frames), cut

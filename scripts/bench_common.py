@@ -144,3 +144,48 @@ def write_random_turbo_lora(path: Path, num_layers: int | None = None, rank: int
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
     return path
+
+
+#: Kernel name fragments -> the part of a forward they do (first match wins; lower case).
+KERNEL_KINDS = (
+    ("attention, 8-bit (SageAttention)", ("qk_int8_sv_f8", "qk_int_sv_f8")),
+    ("attention, 8-bit quantisation", ("quantint8", "submean", "transposepadpermute", "meanscale",
+                                       "per_thread_int8", "per_warp_int8", "per_block_int8")),
+    ("attention, bf16", ("cudnn", "fmha", "flash", "sdpa", "attention")),
+    ("GEMM", ("gemm", "xmma", "nvjet", "cutlass", "scaled_mm", "f8f8bf16", "cublas", "wgmma")),
+    ("fused elementwise (compiled)", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """Which part of a forward a GPU kernel of this name does (``KERNEL_KINDS``), else ``other``."""
+    low = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "other")
+
+
+def kernel_profile(fn, top: int = 15) -> dict:
+    """One call of ``fn`` under torch.profiler: GPU milliseconds per kind of kernel (``KERNEL_KINDS``),
+    the ``top`` kernels by GPU time, and the total (the sum of kernel times; gaps between kernels are
+    not in it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        entry = kernels.setdefault(event.name, [0.0, 0])
+        entry[0] += event.device_time_total / 1e3  # microseconds -> ms
+        entry[1] += 1
+    kinds: dict[str, float] = {}
+    for name, (ms, _count) in kernels.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    ranked = sorted(kernels.items(), key=lambda item: -item[1][0])[:top]
+    return dict(
+        total_kernel_ms=round(sum(ms for ms, _ in kernels.values()), 1),
+        by_kind_ms={k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda item: -item[1])},
+        top_kernels=[dict(name=name[:160], ms=round(ms, 2), calls=count) for name, (ms, count) in ranked],
+    )

@@ -32,11 +32,25 @@ from pathlib import Path
 
 import torch
 
-from bench_common import BUCKETS, FULL_CONFIG, build_random_model, env_record, forward_flops, forward_inputs, time_cuda
+from bench_common import (
+    BUCKETS,
+    FULL_CONFIG,
+    build_random_model,
+    env_record,
+    forward_flops,
+    forward_inputs,
+    kernel_profile,
+    time_cuda,
+)
 
 
 def apply_variant(model, variant: str) -> None:
-    """Speed/memory variants of one model: ``eager``, ``compile`` (regional), ``fp8-storage``."""
+    """Speed/memory variants of one model: ``eager``, ``compile`` (regional), ``fp8-torchao`` (the fp8 memory
+    mode's layers), ``sage8`` (8-bit self-attention), ``fast`` (the fast request option as served: its FP8
+    copies swapped in and 8-bit self-attention), ``attn-bf16`` (the self-attention back to bf16: with
+    ``fast`` before it, FP8 GEMMs alone), ``fp8-storage``."""
+    from infinitetalk import fast
+
     if variant == "compile":
         from infinitetalk.pipeline import compile_transformer
 
@@ -46,9 +60,17 @@ def apply_variant(model, variant: str) -> None:
 
         print(f"fp8 (torchao) on {quantize_fp8(model)} linear layers", flush=True)
     elif variant == "sage8":  # issue 15: the blocks' self-attention in 8 bits (SageAttention 2, sm90)
-        from infinitetalk.attention import set_self_attention_8bit
-
-        print(f"8-bit self-attention in {set_self_attention_8bit(model)} blocks", flush=True)
+        print(f"8-bit self-attention in {fast.set_self_attention_8bit(model)} blocks", flush=True)
+        model.bench_8bit_attention = True
+    elif variant == "fast":
+        model.bench_fast = fast.FastPreset(model)
+        model.bench_fast.set(True)
+        model.bench_8bit_attention = True
+        print(f"fast: {len(model.bench_fast._layers)} FP8 layers, {model.bench_fast.last_switch_seconds:.1f} s",
+              flush=True)
+    elif variant == "attn-bf16":
+        fast.set_self_attention_8bit(model, False)
+        model.bench_8bit_attention = False
     elif variant == "fp8-storage":
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
     elif variant != "eager":
@@ -75,6 +97,8 @@ def bench_forward(args) -> list[dict]:
 
 
 def _forward_sweep(args, model, env, layers, variant, refs) -> list[dict]:
+    from infinitetalk import fast
+
     records = []
     for res in args.resolutions:
         h, w = BUCKETS[res]
@@ -82,16 +106,15 @@ def _forward_sweep(args, model, env, layers, variant, refs) -> list[dict]:
             inputs, masks = forward_inputs(model.config, h, w, speakers, batch=batch)
             for backend in args.backends:
                 model.set_attention_backend(backend)
-                eight_bit = "sage8" in variant.split("+")
+                eight_bit = getattr(model, "bench_8bit_attention", False)
                 if eight_bit:  # set_attention_backend set every module: the self-attention in 8 bits again
-                    from infinitetalk.attention import BACKEND, set_self_attention_8bit
-
-                    set_self_attention_8bit(model)
+                    fast.set_self_attention_8bit(model)
                 torch.cuda.reset_peak_memory_stats()
+                forward = partial(model, *inputs, ref_target_masks=masks, return_dict=False)
                 with torch.no_grad():
-                    sec = time_cuda(partial(model, *inputs, ref_target_masks=masks, return_dict=False), args.warmup,
-                                    args.repeats)
+                    sec = time_cuda(forward, args.warmup, args.repeats)
                     out = model(*inputs, ref_target_masks=masks, return_dict=False)[0][:1].float()
+                    profile = kernel_profile(forward) if args.profile else None
                 sec /= batch  # per forward
                 key = f"{res}-{speakers}"
                 rel_err = rel_compiled = None
@@ -112,7 +135,7 @@ def _forward_sweep(args, model, env, layers, variant, refs) -> list[dict]:
                     env, mode="forward", variant=variant, rel_l2_vs_eager_bf16=rel_err,
                     rel_l2_vs_compiled_bf16=rel_compiled, resolution=res, width=w,
                     height=h, speakers=speakers, backend=backend, batch=batch,
-                    attention_backend=BACKEND if eight_bit else backend,
+                    attention_backend=fast.ATTENTION_BACKEND if eight_bit else backend, kernel_profile=profile,
                     weights_memory_gb=round(torch.cuda.memory_allocated() / 1e9, 2),
                     layers_measured=layers, seconds_per_forward=round(sec_full, 4),
                     achieved_tflops=round(fl["total_flops"] / sec_full / 1e12, 1),
@@ -123,6 +146,10 @@ def _forward_sweep(args, model, env, layers, variant, refs) -> list[dict]:
                 )
                 print(json.dumps(rec), flush=True)
                 records.append(rec)
+                if args.json:  # each record as it comes, so a run cut by a time limit keeps what it measured
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    with open(args.json.with_suffix(".partial.jsonl"), "a") as f:
+                        f.write(json.dumps(rec) + "\n")
             del inputs
             gc.collect()
             torch.cuda.empty_cache()
@@ -175,8 +202,11 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="exact,turbo", type=lambda s: s.split(","))
     ap.add_argument("--layers", type=int, default=None, help="build fewer blocks and extrapolate (memory/time)")
     ap.add_argument("--variants", default="eager", type=lambda s: s.split(","),
-                    help="forward: eager, compile, fp8-torchao, sage8 (8-bit self-attention), fp8-storage "
-                         "(applied in order to one model; a record's variant names all applied so far)")
+                    help="forward: eager, compile, fp8-torchao, sage8 (8-bit self-attention), fast (the fast "
+                         "option's FP8 copies + 8-bit self-attention), attn-bf16, fp8-storage (applied in order "
+                         "to one model; a record's variant names all applied so far)")
+    ap.add_argument("--profile", action="store_true",
+                    help="forward: also profile one forward per measured variant (GPU time per kind of kernel)")
     ap.add_argument("--measure", default=None, type=lambda s: s.split(","),
                     help="forward: measure only these cumulative variants (e.g. fp8-torchao+sage8+compile); "
                          "the others are applied without a sweep")

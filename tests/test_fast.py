@@ -1,7 +1,8 @@
 """The fast option (infinitetalk/fast.py) without its GPU kernels: what is refused where, which layers go to
-FP8, the 8-bit attention's routing through diffusers' dispatcher as one opaque op, and the weight swaps'
-order with the turbo LoRA. The kernels themselves (SageAttention 2's sm90 kernel, torchao's FP8 GEMMs) are
-measured on an H200 (BENCHMARKS.md section 12); here a stand-in computes exact attention in their place."""
+FP8, the 8-bit attention's routing through diffusers' dispatcher as one opaque op, the weight swaps' order
+with the turbo LoRA and the speaker checkpoints, and the bf16 decoder. The kernels themselves (SageAttention
+2's sm90 kernel, torchao's FP8 GEMMs) are measured on an H200 (BENCHMARKS.md sections 12 and 13); here a
+stand-in computes exact attention in their place."""
 
 from __future__ import annotations
 
@@ -73,7 +74,23 @@ def test_a_fast_request_is_refused_before_any_work(tiny_weights, portrait, make_
     assert not (tmp_path / "out.mp4").exists()
 
 
-def test_fp8_layers_are_the_blocks_linears_but_audio_and_lora(model_paths, tmp_path):
+def test_a_fast_request_decodes_with_a_bf16_copy_of_the_vae(tiny_weights):
+    from infinitetalk.conditioning import vae_decode
+    from infinitetalk.pipeline import InfiniteTalkPipeline
+
+    pipe = InfiniteTalkPipeline.from_pretrained(tiny_weights, device="cpu", text_to_speech=False)
+    assert pipe._decoder(False) is pipe.vae and pipe.vae.dtype == torch.float32
+    decoder = pipe._decoder(True)
+    assert decoder is not pipe.vae and decoder.dtype == torch.bfloat16 and pipe._decoder(True) is decoder
+    assert pipe.vae.dtype == torch.float32  # a copy: exact requests still decode in fp32
+    latents = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    exact, approx = vae_decode(pipe.vae, latents), vae_decode(decoder, latents)
+    assert approx.dtype == torch.float32 and approx.shape == exact.shape
+    error = ((approx - exact).norm() / exact.norm()).item()
+    assert 0 < error < 0.05, error
+
+
+def test_fp8_layers_are_the_blocks_linears_but_lora(model_paths, tmp_path):
     model = load_transformer(*model_paths, dtype=torch.float32)
     TurboLoRA.load(model, mtw.write_turbo_lora(tmp_path, seed=1))
     names = [n for n, m in model.named_modules() if fast.fp8_layer(m, n)]
@@ -83,6 +100,11 @@ def test_fp8_layers_are_the_blocks_linears_but_audio_and_lora(model_paths, tmp_p
     assert any(".ffn." in n for n in names)
     per_block = {n.split(".", 2)[2] for n in names}
     assert len(names) == len(per_block) * len(model.blocks)
+    # the fast option's copies also cover the audio attention's three linears (the memory mode's do not)
+    with_audio = [n for n, m in model.named_modules() if fast.fp8_layer(m, n, audio=True)]
+    audio = sorted({n.split(".", 2)[2] for n in with_audio} - per_block)
+    assert audio == ["audio_attn.to_kv", "audio_attn.to_out.0", "audio_attn.to_q"]
+    assert [n for n, _ in fast.FastPreset(model)._layers] == with_audio
 
 
 def test_8bit_self_attention_goes_through_the_dispatcher_as_one_op(model_paths, stand_in_kernel):
@@ -130,10 +152,10 @@ class _Stop(Exception):
     pass
 
 
-def test_fast_swaps_weights_per_request_and_requantises_after_the_lora_switches(model_paths, tmp_path,
+def test_fast_swaps_weights_per_request_and_requantises_after_lora_or_speaker_switches(model_paths, tmp_path,
                                                                                stand_in_kernel, monkeypatch):
-    """FP8 copies are swapped in by pointer; the LoRA only ever merges into the bf16 weights; a LoRA switch
-    while fast makes the copies again from the new weights."""
+    """FP8 copies are swapped in by pointer; the LoRA and the speaker checkpoints only ever write the bf16
+    weights; a LoRA or speaker switch while fast makes the copies again from the new weights."""
     model = load_transformer(*model_paths, dtype=torch.float32)
     turbo = TurboLoRA.load(model, mtw.write_turbo_lora(tmp_path, seed=1),
                            merge_from=partial(read_transformer_tensors, *model_paths))
@@ -150,10 +172,20 @@ def test_fast_swaps_weights_per_request_and_requantises_after_the_lora_switches(
     name, layer = preset._layers[0]
     bf16 = layer.weight
 
+    audio_name, audio_layer = next((n, m) for n, m in preset._layers if ".audio_attn." in n)
+    audio_bf16 = audio_layer.weight
+
     class Pipe:  # the pipeline's own switching order (InfiniteTalkPipeline._select_mode)
         from infinitetalk.pipeline import InfiniteTalkPipeline
         _select_mode = InfiniteTalkPipeline._select_mode
         turbo_loaded, turbo_only = True, False
+        _active_audio_set = "single"
+
+        def _use_audio_set(self, name):  # the speaker checkpoint writes in place, into the bf16 weights only
+            if name != self._active_audio_set:
+                writes.append(audio_layer.weight is audio_bf16)
+                made.append(name)
+                self._active_audio_set = name
 
     pipe = Pipe()
     pipe.turbo, pipe.fast, pipe.fast_unavailable = turbo, preset, None
@@ -179,4 +211,40 @@ def test_fast_swaps_weights_per_request_and_requantises_after_the_lora_switches(
     assert all(b.attn1.processor._attention_backend is None for b in model.blocks)
     pipe._select_mode(GenerationRequest(image="x", audio="y"))
     assert layer.weight is bf16 and not turbo.merged
-    assert all(writes)
+    # two speakers while fast: the swap reaches the bf16 weights, then the copies are made again
+    pipe._select_mode(GenerationRequest(image="x", audio="y", fast=True))
+    assert made == [False, True, False]
+    pipe._select_mode(GenerationRequest(image="x", audio="y", audio_2="z", fast=True))
+    assert made == [False, True, False, "multi", False] and audio_layer.weight is preset._fp8[audio_name]
+    pipe._select_mode(GenerationRequest(image="x", audio="y", audio_2="z", fast=True))
+    assert made[-1] == False and len(made) == 5  # noqa: E712 - reused
+    pipe._select_mode(GenerationRequest(image="x", audio="y"))
+    assert made[-1] == "single" and audio_layer.weight is audio_bf16 and not preset.active
+    assert writes and all(writes)
+
+
+def test_forward_benchmark_variants_switch_the_self_attention(model_paths, stand_in_kernel):
+    """``benchmark.py forward``'s variants go through this module (the device runs them; here only their
+    switching), and its profile names each kernel's part of the forward."""
+    import benchmark
+    from bench_common import kernel_kind
+
+    model = load_transformer(*model_paths, dtype=torch.float32)
+    benchmark.apply_variant(model, "sage8")
+    assert model.bench_8bit_attention
+    assert all(str(b.attn1.processor._attention_backend.value) == fast.ATTENTION_BACKEND for b in model.blocks)
+    benchmark.apply_variant(model, "attn-bf16")
+    assert not model.bench_8bit_attention and all(b.attn1.processor._attention_backend is None for b in model.blocks)
+    with pytest.raises(ValueError, match="unknown variant"):
+        benchmark.apply_variant(model, "faster")
+    kinds = {  # kernel names as the H200 profiles show them
+        "void qk_int8_sv_f8_attn_kernel<128u, 64u, 128u>(signed char*, ...)": "attention, 8-bit (SageAttention)",
+        "quant_query_per_thread_int8_kernel": "attention, 8-bit quantisation",
+        "void TransposePadPermuteKernel<64u, true, __nv_bfloat16>(...)": "attention, 8-bit quantisation",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128": "attention, bf16",
+        "nvjet_tst_256x128_64x4_1x2_h_bz_coopB_TNT": "GEMM",
+        "void cutlass::device_kernel<f8f8bf16_rowwise_kernel>": "GEMM",
+        "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0": "fused elementwise (compiled)",
+        "void at::native::vectorized_elementwise_kernel<4, ...>": "other",
+    }
+    assert {name: kernel_kind(name) for name in kinds} == kinds
